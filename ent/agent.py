@@ -1,0 +1,191 @@
+"""
+ENTA: joins this host's TUN device to a gateway.
+
+Start-up configures the host (TUN, nftables table, policy route) and undoes
+every step already done if a later one fails; stop undoes them all.
+"""
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from ent import netfilter, routing, tun
+from ent.errors import EntError
+from ent.flow import Valve
+from ent.framing import frameSequence
+from ent.protocols.framed import FramedLeg
+from ent.stats import DropReporter
+
+
+class GatewayLink(FramedLeg):
+    """
+    The agent's connection to its gateway.
+    """
+
+    leg = "gateway"
+
+    def __init__(self, agent):
+        FramedLeg.__init__(self, agent.drops)
+        self.agent = agent
+
+    def connectionMade(self):
+        self.agent.linkUp(self)
+
+    def framedDataReceived(self, packets):
+        self.agent.packetsFromLink(packets)
+
+    def connectionLost(self, reason):
+        FramedLeg.connectionLost(self, reason)
+        self.agent.linkDown(self, reason)
+
+
+class GatewayLinkFactory(Factory):
+    noisy = False
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def buildProtocol(self, addr):
+        return GatewayLink(self.agent)
+
+
+class AgentService(MultiService):
+    """
+    The agent: host configuration plus a reconnecting link to the gateway.
+
+    C{options} is a parsed L{ent.options.EntaOptions}; C{endpoint} is the
+    gateway's client endpoint; C{reactor} provides the reactor and clock.
+    """
+
+    log = Logger()
+
+    def __init__(self, options, endpoint, reactor):
+        MultiService.__init__(self)
+        self.options = options
+        self.reactor = reactor
+        self.drops = DropReporter(reactor, "enta")
+        self.tun = None
+        self.link = None
+        self.packetsOut = 0
+        self.packetsIn = 0
+        self._undo = []
+        self.client = ClientService(
+            endpoint,
+            GatewayLinkFactory(self),
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
+            clock=reactor,
+        )
+        self.client.setServiceParent(self)
+
+    # Host configuration
+
+    def configureHost(self):
+        """
+        Create the TUN, its nftables table and (capture side) the policy
+        route, recording how to undo each step.
+        """
+        o = self.options
+        name = o["tun-name"]
+        interface = o["tun-interface"]
+        fd = tun.openTun(name)
+        self.tun = tun.TunTransport(
+            fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor
+        )
+        self._undo.append(self._closeTun)
+        tun.configureTun(name, str(interface.ip), interface.network.prefixlen, o["mtu"])
+        if o["role"] == "capture":
+            plan = netfilter.CapturePlan(name, o["dports"], str(o["peer-addr"]), o["tunnel-port"])
+        else:
+            plan = netfilter.ReplayPlan(name, o["replay"], o["tunnel-port"])
+        self._undo.append(lambda: netfilter.remove(name))
+        netfilter.install(plan)
+        if o["role"] == "capture":
+            self._undo.append(lambda: routing.removePolicy(o["route-table"]))
+            routing.installPolicy(routing.PolicyRoute(name, o["dports"], o["route-table"]))
+        self.log.info(
+            "TUN {tun} up as {address}, mtu {mtu}; {role} "
+            "{ports} via tunnel port {tunnelPort} to {peer}",
+            tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
+            ports=",".join(map(str, o["dports"])) if o["role"] == "capture" else o["replay"],
+            tunnelPort=o["tunnel-port"], peer=str(o["peer-addr"]),
+        )
+
+    def unconfigureHost(self):
+        """
+        Undo every configuration step done, last first; go on past failures.
+        """
+        while self._undo:
+            step = self._undo.pop()
+            try:
+                step()
+            except EntError as e:
+                self.log.error("clean-up step failed: {error}", error=str(e))
+
+    def _closeTun(self):
+        if self.tun is not None:
+            self.tun.stopReading()
+            self.tun.connectionLost(None)
+            self.tun = None
+
+    def startService(self):
+        try:
+            self.configureHost()
+        except BaseException:
+            self.unconfigureHost()
+            raise
+        self.drops.start()
+        MultiService.startService(self)
+
+    def stopService(self):
+        d = MultiService.stopService(self)
+
+        def cleanUp(result):
+            self.drops.stop()
+            self.unconfigureHost()
+            self.log.info(
+                "agent stopped: {packetsOut} packets sent, {packetsIn} received",
+                packetsOut=self.packetsOut, packetsIn=self.packetsIn,
+            )
+            return result
+
+        return d.addBoth(cleanUp)
+
+    # The data path
+
+    def linkUp(self, link):
+        self.link = link
+        self.log.info("connected to gateway {peer}", peer=link.peerName())
+        if self.tun is not None:
+            link.transport.registerProducer(Valve(self.tun), True)
+            self.tun.resumeProducing()
+
+    def linkDown(self, link, reason):
+        if link is not self.link:
+            return
+        self.link = None
+        if self.tun is not None:
+            self.tun.pauseProducing()
+        self.log.warn(
+            "lost gateway {peer}: {reason}{next}",
+            peer=link.peerName(), reason=reason.getErrorMessage(),
+            next="; reconnecting" if self.running else "",
+        )
+
+    def packetsFromTun(self, packets):
+        link = self.link
+        if link is None:
+            self.drops.count("no gateway connected", len(packets))
+            return
+        self.packetsOut += len(packets)
+        link.transport.writeSequence(frameSequence(packets))
+
+    def packetsFromLink(self, packets):
+        if self.tun is None:
+            self.drops.count("TUN closed", len(packets))
+            return
+        self.packetsIn += len(packets)
+        self.tun.writePackets(packets)
+
+    def _tunWriteFailed(self, error):
+        self.drops.count(f"TUN write failed: {error.strerror}")

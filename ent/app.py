@@ -1,0 +1,73 @@
+"""
+Build ENT's services from parsed options; the twistd plugins call these.
+"""
+
+import sys
+
+from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from ent.agent import AgentService
+from ent.endpoints import clientEndpoint, serverEndpoint
+from ent.errors import ConfigurationError, EntError
+from ent.gateway import GatewayService
+
+
+class StartupGuard(MultiService):
+    """
+    Turn a failed start into a one-line message and a non-zero exit.
+
+    The child has already undone what it configured; a traceback would only
+    hide the reason from the operator.
+    """
+
+    log = Logger()
+
+    def __init__(self, name, child):
+        MultiService.__init__(self)
+        self.name = name
+        child.setServiceParent(self)
+
+    def _guarded(self, start):
+        try:
+            start(self)
+        except (EntError, CannotListenError) as e:
+            self.running = 0
+            self.log.critical("{name}: cannot start: {error}", name=self.name, error=str(e))
+            raise SystemExit(f"{self.name}: cannot start: {e}")
+
+    def privilegedStartService(self):
+        self._guarded(MultiService.privilegedStartService)
+
+    def startService(self):
+        self._guarded(MultiService.startService)
+
+
+def _built(name, build):
+    try:
+        return build()
+    except ConfigurationError as e:
+        raise SystemExit(f"twistd {name}: {e}")
+
+
+def makeAgentService(options, reactor):
+    return _built("enta", lambda: StartupGuard(
+        "enta",
+        AgentService(options, clientEndpoint(reactor, options["entg-connect"]), reactor),
+    ))
+
+
+def makeGatewayService(options, reactor):
+    def build():
+        peerConnect = peerListen = None
+        if options["entg-connect"] is not None:
+            peerConnect = clientEndpoint(reactor, options["entg-connect"])
+        else:
+            peerListen = serverEndpoint(reactor, options["entg-listen"])
+        return StartupGuard("entg", GatewayService(
+            serverEndpoint(reactor, options["enta-listen"]), reactor,
+            peerConnect=peerConnect, peerListen=peerListen,
+        ))
+
+    return _built("entg", build)

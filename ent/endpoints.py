@@ -1,0 +1,91 @@
+"""
+Turn ENT's address options into Twisted endpoints.
+
+ENG took plain C{HOST:PORT} and C{PORT}; ENT takes those and any Twisted
+endpoint string (C{tcp:...}, C{tls:...}, C{unix:...}, plugins of ours).
+"""
+
+import ipaddress
+import re
+
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    clientFromString,
+    serverFromString,
+)
+
+from ent.errors import ConfigurationError
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d+)$")
+_INTERFACE_PORT = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[0-9.]+)):)?(?P<port>\d+)$")
+
+
+def parsePort(text, what="port"):
+    """
+    A TCP port number 1-65535, or a L{ConfigurationError}.
+    """
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{what} {text!r} is not a number")
+    if not 1 <= port <= 65535:
+        raise ConfigurationError(f"{what} {port} is out of range 1-65535")
+    return port
+
+
+def isHostPort(text):
+    return _HOST_PORT.match(text) is not None
+
+
+def isPlainListen(text):
+    return _INTERFACE_PORT.match(text) is not None
+
+
+def checkClientDescription(text):
+    """
+    Check C{HOST:PORT} or an endpoint string without building anything.
+    """
+    match = _HOST_PORT.match(text)
+    if match:
+        parsePort(match.group("port"))
+        return
+    if ":" not in text:
+        raise ConfigurationError(f"{text!r} is neither HOST:PORT nor an endpoint string")
+
+
+def clientEndpoint(reactor, text):
+    """
+    An L{IStreamClientEndpoint} for C{HOST:PORT} or a client endpoint string.
+    """
+    match = _HOST_PORT.match(text)
+    if match:
+        host = match.group("v6") or match.group("host")
+        port = parsePort(match.group("port"))
+        return HostnameEndpoint(reactor, host, port)
+    try:
+        return clientFromString(reactor, text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigurationError(f"bad client endpoint {text!r}: {e}")
+
+
+def serverEndpoint(reactor, text):
+    """
+    An L{IStreamServerEndpoint} for C{PORT}, C{ADDR:PORT} or a server endpoint string.
+    """
+    match = _INTERFACE_PORT.match(text)
+    if match:
+        port = parsePort(match.group("port"))
+        if match.group("v6"):
+            return TCP6ServerEndpoint(reactor, port, interface=match.group("v6"))
+        host = match.group("host") or "0.0.0.0"
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigurationError(f"bad listen address {host!r}")
+        return TCP4ServerEndpoint(reactor, port, interface=host)
+    try:
+        return serverFromString(reactor, text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigurationError(f"bad server endpoint {text!r}: {e}")

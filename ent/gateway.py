@@ -1,0 +1,129 @@
+"""
+ENTG: relays frames between this side's agent and the peer gateway.
+
+Unlike ENG, which exits when either side closes, the gateway keeps running:
+a side that drops is replaced by the next one that connects, and while a
+side is missing the other is paused, so its frames wait in its socket
+instead of being thrown away.
+"""
+
+from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from ent.flow import Valve
+from ent.protocols.relay import RelayLegFactory
+from ent.stats import DropReporter
+
+OTHER = {"agent": "peer", "peer": "agent"}
+
+
+class RelayHub:
+    """
+    Holds at most one leg per side and joins the two with backpressure.
+    """
+
+    log = Logger()
+
+    def __init__(self, drops):
+        self.drops = drops
+        self.legs = {"agent": None, "peer": None}
+        self.bytesRelayed = {"agent": 0, "peer": 0}
+
+    def attach(self, leg):
+        old = self.legs[leg.side]
+        self.legs[leg.side] = leg
+        if old is not None:
+            self.log.warn(
+                "{side} {peer} replaces {old}", side=leg.side,
+                peer=leg.peerName(), old=old.peerName(),
+            )
+            old.transport.loseConnection()
+        else:
+            self.log.info("{side} connected from {peer}", side=leg.side, peer=leg.peerName())
+        other = self.legs[OTHER[leg.side]]
+        if other is None:
+            leg.transport.pauseProducing()
+            self.log.info("{side} waits for the {other} side", side=leg.side, other=OTHER[leg.side])
+        else:
+            self._join(leg, other)
+
+    @staticmethod
+    def _feed(leg, source):
+        """
+        Make C{source}'s transport the producer that C{leg}'s transport
+        pauses when its buffer is full (C{None}: no producer).
+        """
+        if leg.feeding is not None:
+            leg.transport.unregisterProducer()
+            leg.feeding = None
+        if source is not None:
+            leg.feeding = Valve(source.transport)
+            leg.transport.registerProducer(leg.feeding, True)
+
+    def _join(self, a, b):
+        self._feed(a, b)
+        self._feed(b, a)
+        a.transport.resumeProducing()
+        b.transport.resumeProducing()
+        self.log.info("relaying between agent and peer gateway")
+
+    def detach(self, leg, reason):
+        if self.legs[leg.side] is not leg:
+            return
+        self.legs[leg.side] = None
+        self.log.warn(
+            "{side} {peer} disconnected: {reason}", side=leg.side,
+            peer=leg.peerName(), reason=reason.getErrorMessage(),
+        )
+        other = self.legs[OTHER[leg.side]]
+        if other is not None:
+            self._feed(other, None)
+            other.transport.pauseProducing()
+
+    def forward(self, leg, frames):
+        target = self.legs[OTHER[leg.side]]
+        if target is None:
+            self.drops.count(f"{OTHER[leg.side]} side not connected (bytes)", len(frames))
+            return
+        self.bytesRelayed[leg.side] += len(frames)
+        target.transport.write(frames)
+
+
+class GatewayService(MultiService):
+    """
+    Accepts the agent, and connects to or accepts the peer gateway.
+    """
+
+    def __init__(self, agentEndpoint, reactor, peerConnect=None, peerListen=None):
+        MultiService.__init__(self)
+        self.drops = DropReporter(reactor, "entg")
+        self.hub = RelayHub(self.drops)
+        self._listen(agentEndpoint, "agent")
+        if peerConnect is not None:
+            ClientService(
+                peerConnect,
+                RelayLegFactory(self.hub, "peer"),
+                retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
+                clock=reactor,
+            ).setServiceParent(self)
+        else:
+            self._listen(peerListen, "peer")
+
+    def _listen(self, endpoint, side):
+        service = StreamServerEndpointService(endpoint, RelayLegFactory(self.hub, side))
+        # A port we cannot listen on must fail the start, not leave a
+        # gateway running that nobody can reach.
+        service._raiseSynchronously = True
+        service.setServiceParent(self)
+
+    def startService(self):
+        self.drops.start()
+        MultiService.startService(self)
+
+    def stopService(self):
+        d = MultiService.stopService(self)
+        for leg in self.hub.legs.values():
+            if leg is not None:
+                leg.transport.loseConnection()
+        return d.addBoth(lambda r: (self.drops.stop(), r)[1])

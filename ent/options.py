@@ -1,0 +1,200 @@
+"""
+Command-line options of C{twistd enta} and C{twistd entg}.
+
+Every check that needs no privilege and no reactor happens here, so a bad
+option is refused with a one-line reason before anything is configured.
+ENG's flag names are accepted as they were.
+"""
+
+import ipaddress
+
+from twisted.python import usage
+
+from ent.endpoints import checkClientDescription, isPlainListen, parsePort
+from ent.errors import ConfigurationError
+from ent.framing import MAX_PACKET
+
+CLIENT_TUN_ADDRESS = "192.168.0.1"
+SERVER_TUN_ADDRESS = "192.168.0.254"
+TUN_PREFIX = 24
+AGENT_PORT = 6980
+GATEWAY_PORT = 6979
+TUNNEL_PORT = 6978
+# The tunnel's packets never travel as IP on a wire, so the largest MTU
+# costs nothing and lets TCP inside the tunnel send 64 KB segments.
+DEFAULT_MTU = 65535
+MIN_MTU = 576
+
+
+def _usage(function):
+    """
+    Turn a L{ConfigurationError} from C{function} into a L{usage.UsageError}.
+    """
+
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
+
+    wrapper.__doc__ = function.__doc__
+    wrapper.__name__ = function.__name__
+    return wrapper
+
+
+def _ports(text, what):
+    return [parsePort(part.strip(), what) for part in text.split(",") if part.strip()]
+
+
+class EntaOptions(usage.Options):
+    """
+    Options of the agent.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "ENTA: carry this host's TCP connections through the tunnel. "
+        "With --dport it captures the app's connections to those ports "
+        "(client host); with --replay it hands the tunnel's connections "
+        "to a local port (server host)."
+    )
+
+    optParameters = [
+        ["replay", None, None, "Replay tunnel connections to this local TCP port (server host)."],
+        ["entg-connect", None, f"127.0.0.1:{AGENT_PORT}",
+         "Gateway to connect to: HOST:PORT or a Twisted client endpoint string."],
+        ["tun-name", None, "tun0", "Name of the TUN device to create."],
+        ["tun-addr", None, None,
+         "TUN address ADDR[/PREFIX] (default 192.168.0.1/24 with --dport, "
+         "192.168.0.254/24 with --replay)."],
+        ["tun-mask", None, None, "TUN netmask, dotted or prefix length (ENG compatibility)."],
+        ["peer-addr", None, None,
+         "The far agent's tunnel address (default: the other of 192.168.0.1 and 192.168.0.254)."],
+        ["tunnel-port", None, str(TUNNEL_PORT), "In-tunnel service port."],
+        ["mtu", None, str(DEFAULT_MTU), f"TUN MTU ({MIN_MTU}-{MAX_PACKET})."],
+        ["route-table", None, "6978", "Routing table number for the capture policy route."],
+    ]
+
+    def __init__(self):
+        usage.Options.__init__(self)
+        self["dports"] = []
+
+    def opt_dport(self, value):
+        """
+        Capture the app's TCP connections to PORT[,PORT...] (client host); repeatable.
+        """
+        self["dports"].extend(_usage(_ports)(value, "--dport"))
+
+    def opt_capture(self, value):
+        """
+        ENG's name for --dport.
+        """
+        self.opt_dport(value)
+
+    @_usage
+    def postOptions(self):
+        replay = self["replay"]
+        if not self["dports"] and replay is None:
+            raise ConfigurationError("give --dport (client host) or --replay (server host)")
+        if self["dports"] and replay is not None:
+            raise ConfigurationError("--dport and --replay exclude each other")
+        self["role"] = "replay" if replay is not None else "capture"
+        if replay is not None:
+            self["replay"] = parsePort(replay, "--replay")
+        self["dports"] = tuple(dict.fromkeys(self["dports"]))
+        self["tunnel-port"] = parsePort(self["tunnel-port"], "--tunnel-port")
+        checkClientDescription(self["entg-connect"])
+        try:
+            mtu = int(self["mtu"])
+        except ValueError:
+            raise ConfigurationError(f"--mtu {self['mtu']!r} is not a number")
+        if not MIN_MTU <= mtu <= MAX_PACKET:
+            raise ConfigurationError(f"--mtu {mtu} is out of range {MIN_MTU}-{MAX_PACKET}")
+        self["mtu"] = mtu
+        try:
+            self["route-table"] = int(self["route-table"])
+        except ValueError:
+            raise ConfigurationError(f"--route-table {self['route-table']!r} is not a number")
+        if not 1 <= self["route-table"] < 2**31 or self["route-table"] in (253, 254, 255):
+            raise ConfigurationError(f"--route-table {self['route-table']} is reserved or out of range")
+        name = self["tun-name"]
+        if not name or len(name.encode()) > 15 or "/" in name or " " in name:
+            raise ConfigurationError(f"--tun-name {name!r} is not a valid interface name")
+        self._tunAddress()
+        self._peerAddress()
+
+    def _tunAddress(self):
+        local = CLIENT_TUN_ADDRESS if self["role"] == "capture" else SERVER_TUN_ADDRESS
+        text = self["tun-addr"] or local
+        address, _, prefix = text.partition("/")
+        if self["tun-mask"] is not None:
+            if prefix:
+                raise ConfigurationError("give the prefix in --tun-addr or --tun-mask, not both")
+            prefix = self["tun-mask"]
+        prefix = prefix or str(TUN_PREFIX)
+        try:
+            interface = ipaddress.IPv4Interface(f"{address}/{prefix}")
+        except ValueError as e:
+            raise ConfigurationError(f"bad TUN address {text!r}: {e}")
+        if interface.network.prefixlen > 30:
+            raise ConfigurationError(f"TUN network {interface.network} is too small for two agents")
+        self["tun-interface"] = interface
+
+    def _peerAddress(self):
+        interface = self["tun-interface"]
+        if self["peer-addr"] is None:
+            defaults = {CLIENT_TUN_ADDRESS: SERVER_TUN_ADDRESS, SERVER_TUN_ADDRESS: CLIENT_TUN_ADDRESS}
+            peer = defaults.get(str(interface.ip))
+            if peer is None:
+                raise ConfigurationError(
+                    f"--tun-addr {interface.ip} is not one of ENT's defaults: give --peer-addr"
+                )
+        else:
+            peer = self["peer-addr"]
+        try:
+            peer = ipaddress.IPv4Address(peer)
+        except ValueError as e:
+            raise ConfigurationError(f"bad --peer-addr: {e}")
+        if peer not in interface.network or peer == interface.ip:
+            raise ConfigurationError(
+                f"--peer-addr {peer} must be another address in the TUN network {interface.network}"
+            )
+        self["peer-addr"] = peer
+
+
+class EntgOptions(usage.Options):
+    """
+    Options of the gateway.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "ENTG: relay frames between this side's agent and the peer gateway. "
+        "One gateway connects to its peer (--entg-connect), the other listens "
+        "(--entg-listen, the default)."
+    )
+
+    optParameters = [
+        ["enta-listen", None, str(AGENT_PORT),
+         "Where to accept the agent: PORT, ADDR:PORT or a server endpoint string."],
+        ["entg-connect", None, None, "Peer gateway to connect to: HOST:PORT or a client endpoint string."],
+        ["entg-listen", None, None,
+         f"Where to accept the peer gateway (default {GATEWAY_PORT} when --entg-connect is not given)."],
+    ]
+
+    @_usage
+    def postOptions(self):
+        if self["entg-connect"] is not None and self["entg-listen"] is not None:
+            raise ConfigurationError("--entg-connect and --entg-listen exclude each other")
+        if self["entg-connect"] is None and self["entg-listen"] is None:
+            self["entg-listen"] = str(GATEWAY_PORT)
+        if self["entg-connect"] is not None:
+            checkClientDescription(self["entg-connect"])
+        for name in ("enta-listen", "entg-listen"):
+            value = self[name]
+            if value is None:
+                continue
+            if isPlainListen(value):
+                parsePort(value.rpartition(":")[2], f"--{name}")
+            elif ":" not in value:
+                raise ConfigurationError(f"--{name} {value!r} is neither a port nor an endpoint string")

@@ -1,0 +1,46 @@
+"""
+The gateway's legs: frames from one side are relayed, still framed, to the
+other. Only whole frames are passed on, so a side that drops mid-frame
+cannot corrupt the stream of the side that stays.
+"""
+
+from twisted.internet.protocol import Factory
+
+from ent.protocols.framed import FramedLeg
+
+
+class RelayLeg(FramedLeg):
+    """
+    One side of the gateway: C{side} is C{"agent"} or C{"peer"}.
+    """
+
+    relay = True
+
+    def __init__(self, hub, side):
+        FramedLeg.__init__(self, hub.drops)
+        self.hub = hub
+        self.side = side
+        self.leg = side
+        # The Valve registered as this leg's transport's producer, if any.
+        self.feeding = None
+
+    def connectionMade(self):
+        self.hub.attach(self)
+
+    def framedDataReceived(self, frames):
+        self.hub.forward(self, frames)
+
+    def connectionLost(self, reason):
+        FramedLeg.connectionLost(self, reason)
+        self.hub.detach(self, reason)
+
+
+class RelayLegFactory(Factory):
+    noisy = False
+
+    def __init__(self, hub, side):
+        self.hub = hub
+        self.side = side
+
+    def buildProtocol(self, addr):
+        return RelayLeg(self.hub, self.side)

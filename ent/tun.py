@@ -1,0 +1,153 @@
+"""
+The TUN device: created with IFF_TUN | IFF_NO_PI, configured with pyroute2,
+and read by the reactor as a L{FileDescriptor}.
+
+The rest of ENT sees a narrow interface: batches of packets come out through
+a callback, batches go in through L{TunTransport.writePackets}, and the
+reader is an L{IPushProducer} so that a full outgoing leg pauses it.
+"""
+
+import errno
+import fcntl
+import os
+import struct
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from twisted.internet.abstract import FileDescriptor
+from twisted.logger import Logger
+
+from ent.errors import PrivilegeError, TunError
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+# Packets read per wakeup at most, so one busy TUN cannot starve the reactor.
+DEFAULT_BATCH = 64
+
+
+def interfaceExists(name):
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def openTun(name):
+    """
+    Create the TUN interface C{name}; return its non-blocking fd.
+
+    The device is not persistent: it disappears with the fd, so a killed
+    agent leaves no TUN behind.
+    """
+    if not name or len(name.encode()) >= IFNAMSIZ:
+        raise TunError(f"invalid TUN name {name!r} (1 to {IFNAMSIZ - 1} bytes)")
+    if interfaceExists(name):
+        raise TunError(
+            f"an interface named {name} already exists and is not ENT's; "
+            f"remove it or choose another --tun-name"
+        )
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TunError("/dev/net/tun is missing: load the tun kernel module")
+    except PermissionError:
+        raise PrivilegeError("cannot open /dev/net/tun: run as root (CAP_NET_ADMIN)")
+    try:
+        request = struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI)
+        fcntl.ioctl(fd, TUNSETIFF, request)
+    except OSError as e:
+        os.close(fd)
+        if e.errno == errno.EPERM:
+            raise PrivilegeError(
+                f"cannot create TUN {name}: run as root (CAP_NET_ADMIN)"
+            )
+        raise TunError(f"cannot create TUN {name}: {e.strerror}")
+    return fd
+
+
+def configureTun(name, address, prefixlen, mtu):
+    """
+    Give the TUN its address and MTU and bring it up.
+    """
+    try:
+        with IPRoute() as ipr:
+            (index,) = ipr.link_lookup(ifname=name)
+            ipr.link("set", index=index, mtu=mtu)
+            ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+            ipr.link("set", index=index, state="up")
+    except NetlinkError as e:
+        if e.code == errno.EPERM:
+            raise PrivilegeError(f"cannot configure {name}: run as root")
+        raise TunError(f"cannot configure {name} ({address}/{prefixlen}, "
+                       f"mtu {mtu}): {e}")
+
+
+class TunTransport(FileDescriptor):
+    """
+    The TUN fd in the reactor: drains up to C{batch} packets per wakeup and
+    hands them to C{deliver} as one list.
+    """
+
+    log = Logger()
+
+    def __init__(self, fd, name, mtu, deliver, onWriteError, reactor, batch=DEFAULT_BATCH):
+        FileDescriptor.__init__(self, reactor)
+        self._fd = fd
+        self.name = name
+        self._readSize = mtu
+        self._deliver = deliver
+        self._onWriteError = onWriteError
+        self._batch = batch
+        self.connected = 1
+
+    def fileno(self):
+        return self._fd
+
+    def readPackets(self):
+        """
+        Read what the kernel has queued, up to one batch.
+        """
+        packets = []
+        read = os.read
+        fd = self._fd
+        size = self._readSize
+        for _ in range(self._batch):
+            try:
+                packets.append(read(fd, size))
+            except BlockingIOError:
+                break
+        return packets
+
+    def doRead(self):
+        try:
+            packets = self.readPackets()
+        except OSError as e:
+            self.log.error("TUN {tun} read failed: {error}", tun=self.name, error=e)
+            return e
+        if packets:
+            self._deliver(packets)
+        return None
+
+    def writePackets(self, packets):
+        """
+        Write each packet to the TUN; return how many the kernel refused.
+
+        A TUN write never blocks: the kernel takes the packet or drops it.
+        """
+        write = os.write
+        fd = self._fd
+        refused = 0
+        for packet in packets:
+            try:
+                write(fd, packet)
+            except OSError as e:
+                refused += 1
+                self._onWriteError(e)
+        return refused
+
+    def connectionLost(self, reason):
+        FileDescriptor.connectionLost(self, reason)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

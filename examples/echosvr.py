@@ -1,0 +1,144 @@
+"""
+An echo server and a client that checks its echo: the unmodified TCP app
+that the demo and the tests send through the tunnel.
+
+    python examples/echosvr.py server --host 0.0.0.0 --port 7
+    python examples/echosvr.py client --host 10.4.0.2 --port 7 --bytes 1000000
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+
+from zope.interface import implementer
+
+from twisted.internet import defer, endpoints, protocol, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+
+log = Logger()
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(protocol.Protocol):
+    """
+    Echo everything; close when the client half-closes, after the echo of
+    all it sent has been written.
+    """
+
+    def connectionMade(self):
+        self.count = 0
+        self.peer = self.transport.getPeer()
+        log.info("connection from {host}:{port}", host=self.peer.host, port=self.peer.port)
+
+    def dataReceived(self, data):
+        self.count += len(data)
+        self.transport.write(data)
+
+    def readConnectionLost(self):
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        log.info(
+            "connection from {host}:{port} closed after {count} bytes",
+            host=self.peer.host, port=self.peer.port, count=self.count,
+        )
+
+
+class EchoFactory(protocol.Factory):
+    protocol = Echo
+
+
+@implementer(IHalfCloseableProtocol)
+class EchoCheck(protocol.Protocol):
+    """
+    Send the payload, half-close, and collect the echo.
+    """
+
+    def __init__(self, payload):
+        self.payload = payload
+        self.received = hashlib.sha256()
+        self.size = 0
+        self.head = b""
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.payload)
+        self.transport.loseWriteConnection()
+
+    def dataReceived(self, data):
+        if len(self.head) < 64:
+            self.head += data[: 64 - len(self.head)]
+        self.size += len(data)
+        self.received.update(data)
+
+    def readConnectionLost(self):
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.done.callback(None)
+
+
+def makePayload(size):
+    text = b"ENT echo check. "
+    if size <= 4096:
+        return (text * (size // len(text) + 1))[:size]
+    return os.urandom(size)
+
+
+@defer.inlineCallbacks
+def runClient(reactor, args):
+    payload = makePayload(args.bytes)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, args.host, args.port, timeout=args.timeout)
+    proto = EchoCheck(payload)
+    yield endpoints.connectProtocol(endpoint, proto)
+    timer = reactor.callLater(args.timeout, proto.transport.abortConnection)
+    yield proto.done
+    if timer.active():
+        timer.cancel()
+    ok = proto.size == len(payload) and proto.received.digest() == hashlib.sha256(payload).digest()
+    verdict = "PASS" if ok else "FAILED"
+    print(f"sent {len(payload)} bytes, received {proto.size} bytes")
+    print(f"sha256 sent {hashlib.sha256(payload).hexdigest()}")
+    print(f"sha256 back {proto.received.hexdigest()}")
+    print(f"content {verdict}: {proto.head[:48]!r}")
+    if not ok:
+        raise SystemExit(1)
+
+
+def runServer(reactor, args):
+    endpoint = endpoints.TCP4ServerEndpoint(reactor, args.port, interface=args.host)
+    d = endpoint.listen(EchoFactory())
+    d.addCallback(lambda port: log.info("echo server on {host}:{port}", host=args.host, port=args.port))
+    d.addCallback(lambda _: defer.Deferred())
+    return d
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    server = sub.add_parser("server", help="echo every connection")
+    server.add_argument("--host", default="0.0.0.0")
+    server.add_argument("--port", type=int, default=7)
+    client = sub.add_parser("client", help="send, half-close, check the echo")
+    client.add_argument("--host", default="127.0.0.1")
+    client.add_argument("--port", type=int, default=7)
+    client.add_argument("--bytes", type=int, default=64)
+    client.add_argument("--timeout", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    if args.command == "server":
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+        task.react(runServer, [args])
+    else:
+        task.react(runClient, [args])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything ENT needs on a fresh Debian machine, as root: system packages,
+# a virtual environment in .venv, and ENT installed into it (editable).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(nftables iproute2 iputils-ping procps gcc libssl-dev python3 python3-venv python3-dev make iperf3 socat)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import ent, twisted, pyroute2, hypothesis" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.ent-installed ]; then
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[test]'
+    touch .venv/.ent-installed
+fi

@@ -1,0 +1,102 @@
+"""
+Option parsing of enta and entg: defaults, ENG's flag names, and refusals.
+"""
+
+import ipaddress
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from ent.options import EntaOptions, EntgOptions
+
+
+def enta(*argv):
+    options = EntaOptions()
+    options.parseOptions(list(argv))
+    return options
+
+
+def entg(*argv):
+    options = EntgOptions()
+    options.parseOptions(list(argv))
+    return options
+
+
+class EntaOptionsTests(unittest.TestCase):
+    def test_captureDefaults(self):
+        o = enta("--dport", "7")
+        self.assertEqual(o["role"], "capture")
+        self.assertEqual(o["dports"], (7,))
+        self.assertEqual(o["tun-interface"], ipaddress.IPv4Interface("192.168.0.1/24"))
+        self.assertEqual(o["peer-addr"], ipaddress.IPv4Address("192.168.0.254"))
+        self.assertEqual(o["tunnel-port"], 6978)
+        self.assertEqual(o["entg-connect"], "127.0.0.1:6980")
+        self.assertEqual(o["tun-name"], "tun0")
+
+    def test_replayDefaults(self):
+        o = enta("--replay", "7", "--entg-connect", "10.3.0.1:6980")
+        self.assertEqual(o["role"], "replay")
+        self.assertEqual(o["replay"], 7)
+        self.assertEqual(o["tun-interface"], ipaddress.IPv4Interface("192.168.0.254/24"))
+        self.assertEqual(o["peer-addr"], ipaddress.IPv4Address("192.168.0.1"))
+
+    def test_captureAliasListsAndRepeats(self):
+        o = enta("--capture", "7,8", "--dport", "9", "--dport", "7")
+        self.assertEqual(o["dports"], (7, 8, 9))
+
+    def test_engTunAddrAndMask(self):
+        o = enta("--dport", "7", "--tun-addr", "10.8.0.1", "--tun-mask", "255.255.0.0",
+                 "--peer-addr", "10.8.0.2")
+        self.assertEqual(o["tun-interface"], ipaddress.IPv4Interface("10.8.0.1/16"))
+        o = enta("--dport", "7", "--tun-addr", "192.168.0.1/16")
+        self.assertEqual(o["tun-interface"].network.prefixlen, 16)
+
+    def test_endpointString(self):
+        o = enta("--dport", "7", "--entg-connect", "tcp:host=10.1.0.2:port=6980")
+        self.assertEqual(o["entg-connect"], "tcp:host=10.1.0.2:port=6980")
+
+    def assertRefused(self, argv, fragment):
+        e = self.assertRaises(usage.UsageError, enta, *argv)
+        self.assertIn(fragment, str(e))
+
+    def test_refusals(self):
+        self.assertRefused([], "give --dport")
+        self.assertRefused(["--dport", "7", "--replay", "8"], "exclude")
+        self.assertRefused(["--dport", "0"], "out of range")
+        self.assertRefused(["--dport", "70000"], "out of range")
+        self.assertRefused(["--dport", "seven"], "not a number")
+        self.assertRefused(["--replay", "65536"], "out of range")
+        self.assertRefused(["--dport", "7", "--tun-addr", "10.9.9.9"], "give --peer-addr")
+        self.assertRefused(["--dport", "7", "--tun-addr", "300.1.1.1"], "bad TUN address")
+        self.assertRefused(["--dport", "7", "--tun-addr", "192.168.0.1/24", "--tun-mask", "16"], "not both")
+        self.assertRefused(["--dport", "7", "--peer-addr", "10.0.0.1"], "must be another address")
+        self.assertRefused(["--dport", "7", "--mtu", "70000"], "out of range")
+        self.assertRefused(["--dport", "7", "--tun-name", "a-name-far-too-long"], "not a valid interface")
+        self.assertRefused(["--dport", "7", "--entg-connect", "nonsense"], "neither HOST:PORT")
+        self.assertRefused(["--dport", "7", "--entg-connect", "host:99999"], "out of range")
+        self.assertRefused(["--dport", "7", "--route-table", "254"], "reserved")
+
+    def test_unknownFlag(self):
+        self.assertRaises(usage.UsageError, enta, "--dport", "7", "--no-such-flag")
+
+
+class EntgOptionsTests(unittest.TestCase):
+    def test_defaultsListenForBoth(self):
+        o = entg()
+        self.assertEqual(o["enta-listen"], "6980")
+        self.assertEqual(o["entg-listen"], "6979")
+        self.assertIsNone(o["entg-connect"])
+
+    def test_connectToPeer(self):
+        o = entg("--entg-connect", "10.2.0.2:6979", "--enta-listen", "6980")
+        self.assertEqual(o["entg-connect"], "10.2.0.2:6979")
+        self.assertIsNone(o["entg-listen"])
+
+    def test_refusals(self):
+        e = self.assertRaises(usage.UsageError, entg, "--entg-connect", "10.2.0.2:6979",
+                              "--entg-listen", "6979")
+        self.assertIn("exclude", str(e))
+        e = self.assertRaises(usage.UsageError, entg, "--enta-listen", "0")
+        self.assertIn("out of range", str(e))
+        e = self.assertRaises(usage.UsageError, entg, "--entg-listen", "ten")
+        self.assertIn("neither a port", str(e))

@@ -1,0 +1,97 @@
+"""
+The gateway's relay hub, on fake transports: which side gets what, and
+how the sides pause each other.
+"""
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.internet.error import ConnectionDone
+from twisted.trial import unittest
+
+from ent.flow import Valve
+from ent.framing import frame, frameSequence
+from ent.gateway import RelayHub
+from ent.protocols.relay import RelayLeg
+from ent.stats import DropReporter
+
+
+def connect(hub, side):
+    leg = RelayLeg(hub, side)
+    leg.makeConnection(StringTransport())
+    return leg
+
+
+def lose(leg):
+    leg.connectionLost(Failure(ConnectionDone()))
+
+
+class RelayHubTests(unittest.TestCase):
+    def setUp(self):
+        self.drops = DropReporter(Clock(), "test")
+        self.hub = RelayHub(self.drops)
+
+    def test_aloneSideIsPaused(self):
+        agent = connect(self.hub, "agent")
+        self.assertEqual(agent.transport.producerState, "paused")
+
+    def test_joinedSidesFeedEachOther(self):
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        self.assertEqual(agent.transport.producerState, "producing")
+        self.assertEqual(peer.transport.producerState, "producing")
+        self.assertIsInstance(agent.transport.producer, Valve)
+        self.assertIs(agent.transport.producer.producer, peer.transport)
+        self.assertIs(peer.transport.producer.producer, agent.transport)
+
+    def test_framesRelayedBothWays(self):
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        up = b"".join(frameSequence([b"\x45" * 30, b"\x60" * 50]))
+        agent.dataReceived(up)
+        self.assertEqual(peer.transport.value(), up)
+        down = frame(b"\x45" * 99)
+        peer.dataReceived(down[:10])
+        self.assertEqual(agent.transport.value(), b"")
+        peer.dataReceived(down[10:])
+        self.assertEqual(agent.transport.value(), down)
+
+    def test_sideLostPausesTheOtherAndFreesIt(self):
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        lose(peer)
+        self.assertEqual(agent.transport.producerState, "paused")
+        self.assertIsNone(agent.transport.producer)
+        newPeer = connect(self.hub, "peer")
+        self.assertEqual(agent.transport.producerState, "producing")
+        agent.dataReceived(frame(b"\x45" * 20))
+        self.assertEqual(newPeer.transport.value(), frame(b"\x45" * 20))
+        self.assertEqual(peer.transport.value(), b"")
+
+    def test_partialFrameOfLostSideNeverReachesTheOther(self):
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        agent.dataReceived(frame(b"\x45" * 40)[:20])
+        lose(agent)
+        newAgent = connect(self.hub, "agent")
+        newAgent.dataReceived(frame(b"\x45" * 8))
+        self.assertEqual(peer.transport.value(), frame(b"\x45" * 8))
+        self.assertEqual(self.drops.total["partial frame cut off on agent leg"], 1)
+
+    def test_newConnectionReplacesOld(self):
+        first = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        second = connect(self.hub, "agent")
+        self.assertTrue(first.transport.disconnecting)
+        lose(first)  # the old one's loss must not detach the new one
+        second.dataReceived(frame(b"\x45"))
+        self.assertEqual(peer.transport.value(), frame(b"\x45"))
+
+    def test_framingErrorDropsOnlyThatConnection(self):
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        agent.dataReceived(b"\x00\x00\x00\x00")
+        self.assertTrue(agent.transport.disconnected)
+        self.assertFalse(peer.transport.disconnecting)
+        self.assertEqual(self.drops.total["framing error on agent leg (EmptyFrame)"], 1)
+        self.assertEqual(peer.transport.value(), b"")

@@ -1,0 +1,38 @@
+"""
+twistd plugins of ENT: C{twistd enta} and C{twistd entg}.
+
+This is the only place that touches the global reactor.
+"""
+
+from zope.interface import implementer
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+
+from ent.options import EntaOptions, EntgOptions
+
+
+@implementer(IServiceMaker, IPlugin)
+class _EntServiceMaker:
+    def __init__(self, tapname, description, options, build):
+        self.tapname = tapname
+        self.description = description
+        self.options = options
+        self._build = build
+
+    def makeService(self, options):
+        from twisted.internet import reactor
+
+        from ent import app
+
+        return getattr(app, self._build)(options, reactor)
+
+
+enta = _EntServiceMaker(
+    "enta", "ENT agent: TUN device and capture/replay rules joined to a gateway",
+    EntaOptions, "makeAgentService",
+)
+entg = _EntServiceMaker(
+    "entg", "ENT gateway: relays an agent's frames to a peer gateway",
+    EntgOptions, "makeGatewayService",
+)
