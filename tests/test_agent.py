@@ -1,0 +1,124 @@
+"""
+The agent's data path and the gateway service's wiring, on fakes: which
+packets go where, and who pauses whom. The real thing runs in
+test_endtoend.
+"""
+
+import ipaddress
+
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from ent.agent import AgentService, GatewayLink
+from ent.flow import Valve
+from ent.framing import frame, frameSequence
+from ent.gateway import GatewayService
+
+
+class FakeTun:
+    def __init__(self):
+        self.state = "paused"
+        self.written = []
+
+    def pauseProducing(self):
+        self.state = "paused"
+
+    def resumeProducing(self):
+        self.state = "producing"
+
+    def writePackets(self, packets):
+        self.written.extend(packets)
+        return 0
+
+
+def agentOptions():
+    return {
+        "role": "capture", "dports": (7,), "tun-name": "tun0",
+        "tun-interface": ipaddress.IPv4Interface("192.168.0.1/24"),
+        "peer-addr": ipaddress.IPv4Address("192.168.0.254"),
+        "tunnel-port": 6978, "mtu": 65535, "route-table": 6978,
+    }
+
+
+class AgentDataPathTests(unittest.TestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        endpoint = TCP4ClientEndpoint(self.reactor, "10.1.0.2", 6980)
+        self.agent = AgentService(agentOptions(), endpoint, self.reactor)
+        self.agent.tun = self.tun = FakeTun()
+
+    def connect(self):
+        link = GatewayLink(self.agent)
+        link.makeConnection(StringTransport())
+        return link
+
+    def test_noGatewayCountsDrops(self):
+        self.agent.packetsFromTun([b"\x45" * 20, b"\x45" * 20])
+        self.assertEqual(self.agent.drops.total["no gateway connected"], 2)
+
+    def test_linkUpResumesTunAsProducerOfTheLink(self):
+        link = self.connect()
+        self.assertEqual(self.tun.state, "producing")
+        self.assertIsInstance(link.transport.producer, Valve)
+        self.assertIs(link.transport.producer.producer, self.tun)
+        self.assertTrue(link.transport.streaming)
+
+    def test_tunBatchSentFramed(self):
+        link = self.connect()
+        packets = [b"\x45" * 20, b"\x60" * 40]
+        self.agent.packetsFromTun(packets)
+        self.assertEqual(link.transport.value(), b"".join(frameSequence(packets)))
+        self.assertEqual(self.agent.packetsOut, 2)
+
+    def test_framesFromGatewayWrittenToTun(self):
+        link = self.connect()
+        stream = b"".join(frameSequence([b"\x45" * 30, b"\x45" * 31]))
+        link.dataReceived(stream[:33])
+        link.dataReceived(stream[33:])
+        self.assertEqual(self.tun.written, [b"\x45" * 30, b"\x45" * 31])
+
+    def test_linkLostPausesTunAndKeepsIt(self):
+        link = self.connect()
+        link.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.tun.state, "paused")
+        self.assertIsNone(self.agent.link)
+        # The transport going away pauses, never closes, the TUN:
+        Valve(self.tun).stopProducing()
+        self.assertEqual(self.tun.state, "paused")
+        again = self.connect()
+        self.assertEqual(self.tun.state, "producing")
+        self.assertIs(self.agent.link, again)
+
+    def test_oversizeFrameDropsTheLink(self):
+        link = self.connect()
+        link.dataReceived(b"\xff\xff\xff\xff")
+        self.assertTrue(link.transport.disconnected)
+        self.assertEqual(self.tun.written, [])
+        self.assertEqual(self.agent.drops.total["framing error on gateway leg (FrameTooLarge)"], 1)
+
+
+class GatewayServiceTests(unittest.TestCase):
+    def test_listensForAgentAndPeer(self):
+        reactor = MemoryReactorClock()
+        service = GatewayService(
+            TCP4ServerEndpoint(reactor, 6980), reactor,
+            peerListen=TCP4ServerEndpoint(reactor, 6979),
+        )
+        service.startService()
+        self.assertEqual(sorted(port for port, *_ in reactor.tcpServers), [6979, 6980])
+        self.assertEqual(reactor.tcpClients, [])
+        service.stopService()
+
+    def test_connectsToPeer(self):
+        reactor = MemoryReactorClock()
+        service = GatewayService(
+            TCP4ServerEndpoint(reactor, 6980), reactor,
+            peerConnect=TCP4ClientEndpoint(reactor, "10.2.0.2", 6979),
+        )
+        service.startService()
+        self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("10.2.0.2", 6979)])
+        self.assertEqual([port for port, *_ in reactor.tcpServers], [6980])
+        service.stopService()
