@@ -29,14 +29,13 @@ class GatewayLink(FramedLeg):
         FramedLeg.__init__(self, agent.drops)
         self.agent = agent
 
-    def connectionMade(self):
+    def legUp(self):
         self.agent.linkUp(self)
 
     def framedDataReceived(self, packets):
         self.agent.packetsFromLink(packets)
 
-    def connectionLost(self, reason):
-        FramedLeg.connectionLost(self, reason)
+    def legDown(self, reason):
         self.agent.linkDown(self, reason)
 
 

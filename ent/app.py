@@ -12,6 +12,7 @@ from ent.agent import AgentService
 from ent.endpoints import clientEndpoint, serverEndpoint
 from ent.errors import ConfigurationError, EntError
 from ent.gateway import GatewayService
+from ent.legs import secureClient, secureServer
 
 
 class StartupGuard(MultiService):
@@ -52,22 +53,34 @@ def _built(name, build):
 
 
 def makeAgentService(options, reactor):
-    return _built("enta", lambda: StartupGuard(
-        "enta",
-        AgentService(options, clientEndpoint(reactor, options["entg-connect"]), reactor),
-    ))
+    def build():
+        endpoint = secureClient(
+            reactor, clientEndpoint(reactor, options["entg-connect"]), options["entg-security"],
+            options["entg-connect"],
+        )
+        return StartupGuard("enta", AgentService(options, endpoint, reactor))
+
+    return _built("enta", build)
 
 
 def makeGatewayService(options, reactor):
     def build():
         peerConnect = peerListen = None
+        peerSecurity = options["entg-security"]
         if options["entg-connect"] is not None:
-            peerConnect = clientEndpoint(reactor, options["entg-connect"])
+            peerConnect = secureClient(
+                reactor, clientEndpoint(reactor, options["entg-connect"]), peerSecurity,
+                options["entg-connect"],
+            )
         else:
-            peerListen = serverEndpoint(reactor, options["entg-listen"])
+            peerListen = secureServer(
+                reactor, serverEndpoint(reactor, options["entg-listen"]), peerSecurity
+            )
+        agentListen = secureServer(
+            reactor, serverEndpoint(reactor, options["enta-listen"]), options["enta-security"]
+        )
         return StartupGuard("entg", GatewayService(
-            serverEndpoint(reactor, options["enta-listen"]), reactor,
-            peerConnect=peerConnect, peerListen=peerListen,
+            agentListen, reactor, peerConnect=peerConnect, peerListen=peerListen,
         ))
 
     return _built("entg", build)

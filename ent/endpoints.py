@@ -8,6 +8,8 @@ endpoint string (C{tcp:...}, C{tls:...}, C{unix:...}, plugins of ours).
 import ipaddress
 import re
 
+from zope.interface import implementer
+
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ServerEndpoint,
@@ -16,7 +18,37 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+
 from ent.errors import ConfigurationError
+
+
+@implementer(IStreamClientEndpoint)
+class DescribedEndpoint:
+    """
+    A client endpoint that names itself as the operator wrote it, and logs
+    why a connection attempt failed before the caller retries.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint, description):
+        self.endpoint = endpoint
+        self.description = description
+
+    def __repr__(self):
+        return self.description
+
+    def connect(self, factory):
+        def failed(reason):
+            self.log.warn(
+                "cannot connect to {endpoint}: {reason}",
+                endpoint=self.description, reason=reason.getErrorMessage(),
+            )
+            return reason
+
+        return self.endpoint.connect(factory).addErrback(failed)
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d+)$")
 _INTERFACE_PORT = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[0-9.]+)):)?(?P<port>\d+)$")
@@ -37,6 +69,16 @@ def parsePort(text, what="port"):
 
 def isHostPort(text):
     return _HOST_PORT.match(text) is not None
+
+
+def hostOf(text):
+    """
+    The host of a C{HOST:PORT} description, or C{None} for an endpoint string.
+    """
+    match = _HOST_PORT.match(text)
+    if match is None:
+        return None
+    return match.group("v6") or match.group("host")
 
 
 def isPlainListen(text):

@@ -10,9 +10,11 @@ import ipaddress
 
 from twisted.python import usage
 
-from ent.endpoints import checkClientDescription, isPlainListen, parsePort
+from ent.endpoints import checkClientDescription, hostOf, isPlainListen, parsePort
 from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
+from ent.legs import LegSecurity
+from ent.tls import TlsFiles
 
 CLIENT_TUN_ADDRESS = "192.168.0.1"
 SERVER_TUN_ADDRESS = "192.168.0.254"
@@ -46,7 +48,41 @@ def _ports(text, what):
     return [parsePort(part.strip(), what) for part in text.split(",") if part.strip()]
 
 
-class EntaOptions(usage.Options):
+class SecurityOptions(usage.Options):
+    """
+    How the legs of this process are protected; shared by enta and entg.
+    """
+
+    optParameters = [
+        ["tls-cert", None, None, "TLS: this side's certificate (PEM)."],
+        ["tls-key", None, None, "TLS: this side's private key (PEM)."],
+        ["tls-ca", None, None, "TLS: the CA certificate that signs the peers (PEM)."],
+    ]
+
+    def tlsFiles(self):
+        missing = [f"--{n}" for n in ("tls-cert", "tls-key", "tls-ca") if not self[n]]
+        if missing:
+            raise ConfigurationError(f"a TLS leg needs {', '.join(missing)}")
+        return TlsFiles(self["tls-cert"], self["tls-key"], self["tls-ca"])
+
+    def legSecurity(self, leg, connect=None, nameOption=None):
+        """
+        The protection of leg C{leg} ("entg" or "enta") from the flags
+        C{--LEG-tls}; C{connect} is the leg's client description when this
+        side connects, C{None} when it accepts.
+        """
+        if not self[f"{leg}-tls"]:
+            return LegSecurity("tcp")
+        files = self.tlsFiles()
+        if connect is None:
+            return LegSecurity("tls", tlsFiles=files)
+        name = self[nameOption] or hostOf(connect)
+        if name is None:
+            raise ConfigurationError(f"give --{nameOption}: the peer's name cannot be taken from {connect!r}")
+        return LegSecurity("tls", tlsFiles=files, peerName=name)
+
+
+class EntaOptions(SecurityOptions):
     """
     Options of the agent.
     """
@@ -73,6 +109,12 @@ class EntaOptions(usage.Options):
         ["tunnel-port", None, str(TUNNEL_PORT), "In-tunnel service port."],
         ["mtu", None, str(DEFAULT_MTU), f"TUN MTU ({MIN_MTU}-{MAX_PACKET})."],
         ["route-table", None, "6978", "Routing table number for the capture policy route."],
+        ["entg-tls-name", None, None,
+         "TLS: the name (DNS or IP) the gateway's certificate must carry "
+         "(default: the host of --entg-connect)."],
+    ]
+    optFlags = [
+        ["entg-tls", None, "Protect the leg to the gateway with mutual TLS (--tls-cert, --tls-key, --tls-ca)."],
     ]
 
     def __init__(self):
@@ -122,6 +164,7 @@ class EntaOptions(usage.Options):
             raise ConfigurationError(f"--tun-name {name!r} is not a valid interface name")
         self._tunAddress()
         self._peerAddress()
+        self["entg-security"] = self.legSecurity("entg", self["entg-connect"], "entg-tls-name")
 
     def _tunAddress(self):
         local = CLIENT_TUN_ADDRESS if self["role"] == "capture" else SERVER_TUN_ADDRESS
@@ -162,7 +205,7 @@ class EntaOptions(usage.Options):
         self["peer-addr"] = peer
 
 
-class EntgOptions(usage.Options):
+class EntgOptions(SecurityOptions):
     """
     Options of the gateway.
     """
@@ -180,6 +223,13 @@ class EntgOptions(usage.Options):
         ["entg-connect", None, None, "Peer gateway to connect to: HOST:PORT or a client endpoint string."],
         ["entg-listen", None, None,
          f"Where to accept the peer gateway (default {GATEWAY_PORT} when --entg-connect is not given)."],
+        ["entg-tls-name", None, None,
+         "TLS: the name (DNS or IP) the peer gateway's certificate must carry "
+         "(default: the host of --entg-connect)."],
+    ]
+    optFlags = [
+        ["enta-tls", None, "Protect the agent's leg with mutual TLS (--tls-cert, --tls-key, --tls-ca)."],
+        ["entg-tls", None, "Protect the peer gateway's leg with mutual TLS."],
     ]
 
     @_usage
@@ -198,3 +248,5 @@ class EntgOptions(usage.Options):
                 parsePort(value.rpartition(":")[2], f"--{name}")
             elif ":" not in value:
                 raise ConfigurationError(f"--{name} {value!r} is neither a port nor an endpoint string")
+        self["enta-security"] = self.legSecurity("enta")
+        self["entg-security"] = self.legSecurity("entg", self["entg-connect"], "entg-tls-name")

@@ -183,11 +183,14 @@ class Tunnel:
     Topology plus ENT's four services and an echo server on the server host.
     """
 
-    def __init__(self, agentArgs=(), gatewayArgs=(), logdir=None):
+    def __init__(self, agentArgs=(), gatewayArgs=(), logdir=None, hostArgs=None, waitUp=True):
         self.logdir = logdir or tempfile.mkdtemp(prefix="ent-")
         self.topology = Topology(logdir=self.logdir)
         self.agentArgs = list(agentArgs)
         self.gatewayArgs = list(gatewayArgs)
+        # Extra arguments of one host's service, e.g. its own certificate.
+        self.hostArgs = dict(hostArgs or {})
+        self.waitUp = waitUp
         self.services = {}
 
     def __enter__(self):
@@ -209,7 +212,11 @@ class Tunnel:
         self.startService("gw1")
         self.startService("server")
         self.startService("client")
-        t.waitFor(self.tunnelUp, timeout=30)
+        if self.waitUp:
+            try:
+                t.waitFor(self.tunnelUp, timeout=30)
+            except TimeoutError:
+                raise TimeoutError(f"the tunnel did not come up; logs:\n{self.logs()}")
 
     def startService(self, host):
         t = self.topology
@@ -224,7 +231,7 @@ class Tunnel:
         else:
             args = ["enta", "--dport", "7", "--entg-connect", f"{ADDRESS['gw1.agent']}:6980",
                     *self.agentArgs]
-        process = t.twistd(host, *args)
+        process = t.twistd(host, *args, *self.hostArgs.get(host, ()))
         self.services[host] = process
         return process
 

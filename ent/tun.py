@@ -66,10 +66,23 @@ def openTun(name):
     return fd
 
 
+def _disableIpv6(name):
+    """
+    The tunnel carries IPv4; without this the kernel would send IPv6
+    router solicitations and MLD reports through it.
+    """
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError:
+        pass  # IPv6 is off in this kernel or namespace already
+
+
 def configureTun(name, address, prefixlen, mtu):
     """
     Give the TUN its address and MTU and bring it up.
     """
+    _disableIpv6(name)
     try:
         with IPRoute() as ipr:
             (index,) = ipr.link_lookup(ifname=name)

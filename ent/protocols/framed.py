@@ -3,25 +3,36 @@ A stream leg that carries frames, and drops the connection on a framing
 error with a log line naming the peer.
 """
 
+from zope.interface import implementer
+
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ent.errors import FramingError
 from ent.framing import FrameDecoder
+from ent.tls import isTls
 
 
+@implementer(IHandshakeListener)
 class FramedLeg(Protocol):
     """
     Base for a connection carrying frames.
 
-    Subclasses implement L{framedDataReceived}, which gets whatever the
-    decoder returns: a list of packets (C{relay=False}) or the bytes of
-    whole frames (C{relay=True}).
+    The leg is I{up} once its peer is authenticated: at once on plain TCP
+    (and on rats-tls, whose handshake is over before the protocol starts),
+    after the handshake on TLS, so that a peer with a bad certificate never
+    takes the place of a good one.
+
+    Subclasses implement L{legUp}, L{legDown} and L{framedDataReceived},
+    which gets a list of packets (C{relay=False}) or the bytes of whole
+    frames (C{relay=True}).
     """
 
     log = Logger()
     leg = "leg"
     relay = False
+    up = False
 
     def __init__(self, drops):
         self.drops = drops
@@ -32,6 +43,17 @@ class FramedLeg(Protocol):
         host = getattr(peer, "host", None)
         port = getattr(peer, "port", None)
         return f"{host}:{port}" if host is not None else str(peer)
+
+    def connectionMade(self):
+        if not isTls(self.transport):
+            self._becomeUp()
+
+    def handshakeCompleted(self):
+        self._becomeUp()
+
+    def _becomeUp(self):
+        self.up = True
+        self.legUp()
 
     def dataReceived(self, data):
         try:
@@ -51,10 +73,24 @@ class FramedLeg(Protocol):
         if out:
             self.framedDataReceived(out)
 
-    def framedDataReceived(self, out):
-        raise NotImplementedError()
-
     def connectionLost(self, reason):
         partial = self.decoder.clear()
         if partial:
             self.drops.count(f"partial frame cut off on {self.leg} leg")
+        if self.up:
+            self.legDown(reason)
+        else:
+            self.drops.count(f"TLS handshake failed on {self.leg} leg")
+            self.log.error(
+                "{leg} leg: TLS handshake with {peer} failed, connection refused: {reason}",
+                leg=self.leg, peer=self.peerName(), reason=reason.getErrorMessage(),
+            )
+
+    def legUp(self):
+        raise NotImplementedError()
+
+    def legDown(self, reason):
+        raise NotImplementedError()
+
+    def framedDataReceived(self, out):
+        raise NotImplementedError()

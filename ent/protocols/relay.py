@@ -24,14 +24,13 @@ class RelayLeg(FramedLeg):
         # The Valve registered as this leg's transport's producer, if any.
         self.feeding = None
 
-    def connectionMade(self):
+    def legUp(self):
         self.hub.attach(self)
 
     def framedDataReceived(self, frames):
         self.hub.forward(self, frames)
 
-    def connectionLost(self, reason):
-        FramedLeg.connectionLost(self, reason)
+    def legDown(self, reason):
         self.hub.detach(self, reason)
 
 

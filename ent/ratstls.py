@@ -1,0 +1,613 @@
+"""
+A cffi binding (ABI mode: nothing to compile at install) to librats_tls.so.
+
+It offers a blocking API, one L{RatsTlsSession} per connection, meant to be
+driven from threads: every call into the library releases the GIL.  The
+Twisted transport built on it lives elsewhere.
+
+Two struct layouts of C{rats_tls_conf_t} exist in the wild (see
+shared/RATS-TLS.md); L{load} tells them apart by the symbols the library
+exports.  It also checks the plugin directories before loading the library,
+because the library's load-time constructor calls C{exit(1)} without them.
+"""
+
+import errno
+import fcntl
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cffi import FFI
+
+from ent.errors import (
+    ConfigurationError,
+    RatsTlsClosed,
+    RatsTlsError,
+    RatsTlsLibraryError,
+)
+
+__all__ = [
+    "DEFAULT_LIBRARY",
+    "LAYOUT_V2022",
+    "LAYOUT_V2025",
+    "PLUGIN_KINDS",
+    "RatsTlsConfig",
+    "RatsTlsLibrary",
+    "RatsTlsSession",
+    "default_library_path",
+    "ffi",
+    "find_plugin_dir",
+    "load",
+]
+
+#: Where upstream rats-tls installs itself.
+DEFAULT_LIBRARY = "/usr/local/lib/rats-tls/librats_tls.so"
+UPSTREAM_PLUGIN_DIR = "/usr/local/lib/rats-tls"
+PLUGIN_KINDS = ("crypto-wrappers", "tls-wrappers", "attesters", "verifiers")
+
+LIBRARY_ENV = "ENT_RATS_TLS_LIB"
+PLUGIN_DIR_ENV = "ENT_RATS_TLS_PLUGIN_DIR"
+LOG_LEVEL_ENV = "RATS_TLS_GLOBAL_LOG_LEVEL"
+
+LAYOUT_V2022 = "v2022"
+LAYOUT_V2025 = "v2025"
+
+API_VERSION = 1
+FLAG_MUTUAL = 1 << 0
+FLAG_SERVER = 1 << 1
+
+LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_FATAL, LOG_NONE = range(6)
+_LOG_LEVEL_NAMES = {
+    "debug": LOG_DEBUG,
+    "info": LOG_INFO,
+    "warn": LOG_WARN,
+    "error": LOG_ERROR,
+    "fatal": LOG_FATAL,
+    "off": LOG_NONE,
+}
+
+CERT_ALGO_RSA_3072_SHA256 = 0
+CERT_ALGO_ECC_256_SHA256 = 1
+
+#: Error codes as signed 32-bit values.
+ERR_UNKNOWN = -1
+ERR_INVALID = -2
+ERR_NO_MEM = -3
+ERR_HANDSHAKE = 0x907FFFFF - (1 << 32)
+
+_NAME_SIZE = 32
+
+_CDEF = """
+typedef struct rtls_core_context_t *rats_tls_handle;
+typedef int (*rats_tls_callback_t)(void *);
+
+typedef struct {
+    char *name;
+    uint8_t *value;
+    size_t value_size;
+} claim_t;
+
+typedef struct {
+    _Bool valid;
+    uint8_t spid[16];
+    _Bool linkable;
+} rats_tls_quote_sgx_epid_t;
+
+typedef struct {
+    _Bool valid;
+    uint8_t cert_type;
+} rats_tls_quote_sgx_ecdsa_t;
+
+typedef struct {
+    unsigned int api_version;
+    unsigned long flags;
+    int log_level;
+    char tls_type[32];
+    char attester_type[32];
+    char verifier_type[32];
+    char crypto_type[32];
+    int cert_algo;
+    unsigned long long enclave_id;
+    rats_tls_quote_sgx_epid_t quote_sgx_epid;
+    rats_tls_quote_sgx_ecdsa_t quote_sgx_ecdsa;
+} rats_tls_conf_v2022_t;
+
+typedef struct {
+    unsigned int api_version;
+    unsigned long flags;
+    int log_level;
+    char tls_type[32];
+    char attester_type[32];
+    char verifier_type[32];
+    char crypto_type[32];
+    int cert_algo;
+    claim_t *custom_claims;
+    size_t custom_claims_length;
+    rats_tls_quote_sgx_epid_t quote_sgx_epid;
+    rats_tls_quote_sgx_ecdsa_t quote_sgx_ecdsa;
+} rats_tls_conf_v2025_t;
+
+/* The conf pointer's type depends on the layout: see CONF_TYPES. */
+int rats_tls_init(const void *conf, rats_tls_handle *handle);
+int rats_tls_set_verification_callback(rats_tls_handle *handle, rats_tls_callback_t cb);
+int rats_tls_negotiate(rats_tls_handle handle, int fd);
+int rats_tls_receive(rats_tls_handle handle, void *buf, size_t *buf_size);
+int rats_tls_transmit(rats_tls_handle handle, void *buf, size_t *buf_size);
+int rats_tls_cleanup(rats_tls_handle handle);
+
+/* Only looked up, never called: they tell the layouts apart. */
+claim_t *clone_claims_list(claim_t *claims, size_t claims_length);
+void free_claims_list(claim_t *claims, size_t claims_length);
+int rtls_loglevel_getenv(const char *name);
+"""
+
+#: One FFI for both layouts; the error enums are read as C{int}, i.e. signed.
+ffi = FFI()
+ffi.cdef(_CDEF)
+
+CONF_TYPES = {
+    LAYOUT_V2022: "rats_tls_conf_v2022_t",
+    LAYOUT_V2025: "rats_tls_conf_v2025_t",
+}
+
+_DETAILS = {
+    ERR_UNKNOWN: "unknown error",
+    ERR_INVALID: "invalid argument or state (RATS_TLS_ERR_INVALID)",
+    ERR_NO_MEM: "out of memory",
+    -4: "plugin not registered",
+    -5: "cannot load the crypto wrappers",
+    -6: "cannot load the tls wrappers",
+    -7: "cannot load the enclave quote plugins",
+    -8: "dlopen of a plugin failed",
+    -9: "initialisation failed",
+    -10: "unsupported certificate algorithm",
+    ERR_HANDSHAKE: (
+        "TLS handshake failed (the peer closed, spoke something other than"
+        " rats-tls, or its evidence was rejected)"
+    ),
+}
+
+
+def _detail(code):
+    return _DETAILS.get(code, "")
+
+
+def _missing_help(path):
+    return (
+        "point ENT at a complete rats-tls installation with --rats-tls-lib PATH"
+        f" or the environment variable {LIBRARY_ENV}"
+        f" (and {PLUGIN_DIR_ENV}=DIR if its plugin directories are not beside"
+        f" it); the library tried was {path}"
+    )
+
+
+def default_library_path():
+    """
+    The library ENT loads when not told: C{$ENT_RATS_TLS_LIB}, else upstream's
+    install location.
+    """
+    return os.environ.get(LIBRARY_ENV) or DEFAULT_LIBRARY
+
+
+def _usable_dir(path):
+    try:
+        return any(True for _ in os.scandir(path))
+    except OSError:
+        return False
+
+
+def _missing_kinds(base):
+    return [kind for kind in PLUGIN_KINDS if not _usable_dir(os.path.join(base, kind))]
+
+
+def _compiled_plugin_dirs(path):
+    """
+    The plugin directories compiled into the library, read from its string
+    constants (upstream has literals like
+    C{"/usr/local/lib/rats-tls/crypto-wrappers/"}); C{None} if not found.
+
+    Reading them is what lets us check the very directories the constructor
+    will look at, wherever the library was built to look.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    found = {}
+    for kind in PLUGIN_KINDS:
+        needle = b"/" + kind.encode()
+        start = 0
+        while True:
+            at = data.find(needle, start)
+            if at < 0:
+                break
+            start = at + 1
+            end = at + len(needle)
+            if data[end : end + 1] == b"/":
+                end += 1
+            if data[end : end + 1] != b"\x00":
+                continue
+            begin = data.rfind(b"\x00", 0, at) + 1
+            text = data[begin:end]
+            if not text.startswith(b"/") or b"%" in text:
+                continue
+            if any(c < 0x20 or c > 0x7E for c in text):
+                continue
+            base = os.fsdecode(data[begin:at])
+            found.setdefault(kind, base)
+    if len(found) != len(PLUGIN_KINDS):
+        return None
+    return {kind: os.path.join(found[kind], kind) for kind in PLUGIN_KINDS}
+
+
+def find_plugin_dir(path, plugin_dir=None):
+    """
+    Check that the plugin directories C{path}'s library will load exist and
+    are not empty; return their parent directory.
+
+    @param plugin_dir: where the plugins are, overriding both the library's
+        compiled-in directory and C{$ENT_RATS_TLS_PLUGIN_DIR}.
+    @raise RatsTlsLibraryError: if they are missing, since loading the
+        library would then kill the process.
+    """
+    plugin_dir = plugin_dir or os.environ.get(PLUGIN_DIR_ENV)
+    if plugin_dir:
+        candidates = [plugin_dir]
+    else:
+        compiled = _compiled_plugin_dirs(path)
+        if compiled is not None:
+            missing = [d for d in compiled.values() if not _usable_dir(d)]
+            if not missing:
+                return os.path.dirname(compiled[PLUGIN_KINDS[0]])
+            raise RatsTlsLibraryError(
+                "rats-tls plugin directories missing or empty: "
+                + ", ".join(missing)
+                + " (the library would call exit(1) when loaded); install the"
+                " rats-tls plugins there, or " + _missing_help(path)
+            )
+        here = os.path.dirname(path)
+        candidates = [os.path.join(here, "rats-tls"), here, UPSTREAM_PLUGIN_DIR]
+    for base in candidates:
+        if not _missing_kinds(base):
+            return base
+    base = candidates[0]
+    missing = [os.path.join(base, kind) for kind in _missing_kinds(base)]
+    raise RatsTlsLibraryError(
+        "rats-tls plugin directories missing or empty: "
+        + ", ".join(missing)
+        + (f" (also looked in {', '.join(candidates[1:])})" if candidates[1:] else "")
+        + " (the library would call exit(1) when loaded); install the rats-tls"
+        " plugins there, or " + _missing_help(path)
+    )
+
+
+def _has_symbol(lib, name):
+    try:
+        getattr(lib, name)
+    except AttributeError:
+        return False
+    return True
+
+
+def load(path=None, plugin_dir=None, layout=None):
+    """
+    Load librats_tls.so after checking that loading it cannot kill us.
+
+    @param path: the library; by default L{default_library_path}.
+    @param plugin_dir: see L{find_plugin_dir}.
+    @param layout: L{LAYOUT_V2022} or L{LAYOUT_V2025} to skip detection.
+    @rtype: L{RatsTlsLibrary}
+    @raise RatsTlsLibraryError: if the library or its plugins are missing or
+        unusable.
+    """
+    path = os.path.abspath(path or default_library_path())
+    if not os.path.isfile(path):
+        raise RatsTlsLibraryError(f"librats_tls not found at {path}: " + _missing_help(path))
+    found_plugins = find_plugin_dir(path, plugin_dir)
+    try:
+        lib = ffi.dlopen(path)
+    except OSError as e:
+        raise RatsTlsLibraryError(f"cannot load {path} ({e}): " + _missing_help(path)) from None
+    v2025 = _has_symbol(lib, "clone_claims_list") and _has_symbol(lib, "free_claims_list")
+    v2022 = _has_symbol(lib, "rtls_loglevel_getenv")
+    if layout is None:
+        if v2025 and not v2022:
+            layout = LAYOUT_V2025
+        elif v2022 and not v2025:
+            layout = LAYOUT_V2022
+        else:
+            raise RatsTlsLibraryError(
+                f"cannot tell which rats-tls version {path} is (it exports"
+                f" {'both' if v2022 else 'neither'} clone_claims_list and"
+                " rtls_loglevel_getenv)"
+            )
+    elif layout not in CONF_TYPES:
+        raise ValueError(f"unknown rats-tls layout {layout!r}")
+    for name in (
+        "rats_tls_init",
+        "rats_tls_set_verification_callback",
+        "rats_tls_negotiate",
+        "rats_tls_receive",
+        "rats_tls_transmit",
+        "rats_tls_cleanup",
+    ):
+        if not _has_symbol(lib, name):
+            raise RatsTlsLibraryError(f"{path} does not export {name}: is it librats_tls?")
+    return RatsTlsLibrary(path, layout, found_plugins, lib)
+
+
+def _default_log_level():
+    return _LOG_LEVEL_NAMES.get(os.environ.get(LOG_LEVEL_ENV, "").strip().lower(), LOG_ERROR)
+
+
+@dataclass
+class RatsTlsConfig:
+    """
+    What one rats-tls handle is asked to be.
+
+    Without SGX both sides use the null plugins, the defaults here.
+    C{log_level} C{None} follows C{$RATS_TLS_GLOBAL_LOG_LEVEL} (default
+    error).  C{cert_algo} is always set explicitly because the library's
+    "default" constant differs between versions.
+    """
+
+    attester: str = "nullattester"
+    verifier: str = "nullverifier"
+    tls_type: str = "openssl"
+    crypto_type: str = "openssl"
+    mutual: bool = False
+    server: bool = False
+    log_level: int | None = None
+    cert_algo: int = CERT_ALGO_ECC_256_SHA256
+
+    @property
+    def flags(self):
+        return (FLAG_MUTUAL if self.mutual else 0) | (FLAG_SERVER if self.server else 0)
+
+
+class RatsTlsLibrary:
+    """
+    A loaded librats_tls.so and the conf layout it expects.
+
+    @ivar lib: the raw cffi library, for tests and the curious.
+    """
+
+    def __init__(self, path, layout, plugin_dir, lib):
+        self.path = path
+        self.layout = layout
+        self.plugin_dir = plugin_dir
+        self.lib = lib
+        self.conf_type = CONF_TYPES[layout]
+
+    def __repr__(self):
+        return f"<RatsTlsLibrary {self.path} ({self.layout})>"
+
+    def make_conf(self, config):
+        """
+        A C{rats_tls_conf_t} in this library's layout for C{config}.
+        """
+        conf = ffi.new(self.conf_type + " *")
+        conf.api_version = API_VERSION
+        conf.flags = config.flags
+        log_level = _default_log_level() if config.log_level is None else config.log_level
+        conf.log_level = int(log_level)
+        conf.cert_algo = int(config.cert_algo)
+        for field, value in (
+            ("tls_type", config.tls_type),
+            ("attester_type", config.attester),
+            ("verifier_type", config.verifier),
+            ("crypto_type", config.crypto_type),
+        ):
+            try:
+                raw = (value or "").encode("ascii")
+            except UnicodeEncodeError:
+                raise ConfigurationError(f"rats-tls {field} {value!r} is not ASCII") from None
+            if len(raw) >= _NAME_SIZE or b"\0" in raw:
+                raise ConfigurationError(
+                    f"rats-tls {field} {value!r} is too long (at most {_NAME_SIZE - 1} bytes)"
+                )
+            setattr(conf, field, raw)
+        return conf
+
+    def session(self, config, verify=None):
+        """
+        A new L{RatsTlsSession}; see there.
+        """
+        return RatsTlsSession(self, config, verify)
+
+
+class RatsTlsSession:
+    """
+    One rats-tls handle, for one connection (a handle holds one session).
+
+    All methods block and release the GIL.  One thread may be in L{receive}
+    while another is in L{transmit}.  L{cleanup} never frees the handle under
+    a call still running in another thread (the real library would crash):
+    it defers the C cleanup until that call returns.  To make a blocked
+    L{receive} return, shut the socket down; close the fd only once
+    L{wait_cleaned} says the handle is gone, so that the library cannot write
+    into a reused fd.
+    """
+
+    def __init__(
+        self,
+        library: RatsTlsLibrary,
+        config: RatsTlsConfig,
+        verify: Callable[[object], bool] | None = None,
+    ):
+        """
+        @param verify: called during the handshake with the library's
+            evidence pointer (a cffi C{void *}; its layout depends on the
+            library); a false result or an exception rejects the peer.
+        """
+        self._lib = library.lib
+        self.library = library
+        self.config = config
+        self._state_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._cleaned = threading.Event()
+        self._inflight = 0
+        self._closing = False
+        self._rbuf = None
+        self._callback = None
+        self._callback_error = None
+        self.cleanup_error = None
+
+        conf = library.make_conf(config)
+        handle_ptr = ffi.new("rats_tls_handle *")
+        rc = self._lib.rats_tls_init(conf, handle_ptr)
+        if rc != 0:
+            raise RatsTlsError("init", rc, _detail(rc))
+        self._handle_ptr = handle_ptr
+        self._handle = handle_ptr[0]
+        if verify is not None:
+            self._set_verify(verify)
+
+    def _set_verify(self, verify):
+        def call(evidence):
+            return 1 if verify(evidence) else 0
+
+        def onerror(exc_type, exc_value, tb):
+            self._callback_error = exc_value
+
+        # Referenced from self as long as the handle lives: the library keeps
+        # only the raw function pointer.
+        callback = ffi.callback("int(void *)", call, error=0, onerror=onerror)
+        rc = self._lib.rats_tls_set_verification_callback(self._handle_ptr, callback)
+        if rc != 0:
+            self._lib.rats_tls_cleanup(self._handle)
+            self._closing = True
+            self._cleaned.set()
+            raise RatsTlsError("set_verification_callback", rc, _detail(rc))
+        self._callback = callback
+
+    # Every call that uses the handle is counted, so that cleanup can wait.
+
+    def _enter(self, step):
+        with self._state_lock:
+            if self._closing:
+                raise RatsTlsClosed(step, ERR_INVALID, "the session has been cleaned up")
+            self._inflight += 1
+            return self._handle
+
+    def _leave(self):
+        with self._state_lock:
+            self._inflight -= 1
+            last = self._closing and self._inflight == 0
+        if last:
+            self._free(deferred=True)
+
+    def _free(self, deferred):
+        rc = self._lib.rats_tls_cleanup(self._handle)
+        self._handle = ffi.NULL
+        self._callback = None
+        self._cleaned.set()
+        if rc != 0:
+            error = RatsTlsError("cleanup", rc, _detail(rc))
+            self.cleanup_error = error
+            if not deferred:
+                raise error
+
+    @property
+    def closed(self):
+        """
+        Whether L{cleanup} has been called.
+        """
+        return self._closing
+
+    def negotiate(self, fd):
+        """
+        Run the handshake on C{fd}, a connected, blocking socket (or an object
+        with C{fileno()}); blocks until it ends.
+        """
+        if hasattr(fd, "fileno"):
+            fd = fd.fileno()
+        handle = self._enter("negotiate")
+        try:
+            rc = self._lib.rats_tls_negotiate(handle, fd)
+        finally:
+            self._leave()
+        if rc != 0:
+            detail = _detail(rc)
+            try:
+                if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
+                    detail = f"fd {fd} is non-blocking; rats-tls needs a blocking socket"
+            except OSError as e:
+                if e.errno == errno.EBADF:
+                    detail = f"fd {fd} is not open"
+            if self._callback_error is not None:
+                detail += f"; the verification callback raised {self._callback_error!r}"
+            raise RatsTlsError("negotiate", rc, detail)
+
+    def receive(self, maxsize=16384):
+        """
+        Wait for data and return what one TLS record brought (at most
+        C{maxsize} bytes); never returns C{b""}.
+
+        @raise RatsTlsClosed: if the connection has ended, whichever way.
+        """
+        if maxsize <= 0:
+            raise ValueError("maxsize must be positive")
+        with self._recv_lock:
+            if self._rbuf is None or len(self._rbuf) < maxsize:
+                self._rbuf = ffi.new("char[]", maxsize)
+            size = ffi.new("size_t *", maxsize)
+            handle = self._enter("receive")
+            try:
+                rc = self._lib.rats_tls_receive(handle, self._rbuf, size)
+            finally:
+                self._leave()
+            if rc != 0:
+                raise RatsTlsClosed("receive", rc, "the connection has ended")
+            return ffi.buffer(self._rbuf, size[0])[:]
+
+    def transmit(self, data):
+        """
+        Send all of C{data} (bytes-like); blocks until the library took it.
+
+        @raise RatsTlsClosed: if the connection has ended.
+        """
+        view = ffi.from_buffer(data)
+        total = len(view)
+        if total == 0:
+            return
+        with self._send_lock:
+            size = ffi.new("size_t *")
+            handle = self._enter("transmit")
+            try:
+                done = 0
+                while done < total:
+                    size[0] = total - done
+                    rc = self._lib.rats_tls_transmit(handle, view + done, size)
+                    if rc != 0:
+                        raise RatsTlsClosed("transmit", rc, "the connection has ended")
+                    if size[0] == 0:
+                        raise RatsTlsClosed("transmit", ERR_UNKNOWN, "the library sent nothing")
+                    done += size[0]
+            finally:
+                self._leave()
+
+    def cleanup(self):
+        """
+        Send close_notify and free the handle; the fd stays open.  Idempotent.
+
+        @return: C{True} if the handle is freed now, C{False} if another
+            thread's call is still running and will free it when it returns.
+        """
+        with self._state_lock:
+            if self._closing:
+                return self._cleaned.is_set()
+            self._closing = True
+            now = self._inflight == 0
+        if now:
+            self._free(deferred=False)
+        return now
+
+    def wait_cleaned(self, timeout=None):
+        """
+        Wait until the handle is freed (after L{cleanup}); C{True} if it is.
+        """
+        return self._cleaned.wait(timeout)

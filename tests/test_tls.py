@@ -1,0 +1,93 @@
+"""
+Mutual TLS on every leg, for real: the four-hop tunnel in namespaces, and
+peers refused for a wrong certificate or a wrong name.
+"""
+
+import os
+import re
+import tempfile
+import time
+
+from twisted.trial import unittest
+
+from ent import certs
+from ent.topology import ADDRESS, Tunnel
+from tests.netns import requireRoot
+
+
+def makeCertificates(directory):
+    ca = certs.makeCa(directory)
+    certs.makeCertificate(directory, "gw1", [ADDRESS["gw1.agent"], ADDRESS["gw1"]], ca)
+    certs.makeCertificate(directory, "gw2", [ADDRESS["gw2"], ADDRESS["gw2.agent"]], ca)
+    certs.makeCertificate(directory, "client", [], ca)
+    certs.makeCertificate(directory, "server", [], ca)
+    other = os.path.join(directory, "other")
+    os.mkdir(other)
+    certs.makeCertificate(other, "client", [], certs.makeCa(other, "another CA"))
+
+
+def tlsArgs(directory, name, *flags, ca=None):
+    return [*flags, "--tls-cert", os.path.join(directory, f"{name}.pem"),
+            "--tls-key", os.path.join(directory, f"{name}.key"),
+            "--tls-ca", ca or os.path.join(directory, "ca.pem")]
+
+
+class TlsTunnelTests(unittest.TestCase):
+    def setUp(self):
+        requireRoot(self)
+        self.dir = tempfile.mkdtemp(prefix="ent-tls-")
+        makeCertificates(self.dir)
+
+    def hostArgs(self, client=None):
+        d = self.dir
+        return {
+            "client": client or tlsArgs(d, "client", "--entg-tls"),
+            "gw1": tlsArgs(d, "gw1", "--enta-tls", "--entg-tls"),
+            "gw2": tlsArgs(d, "gw2", "--enta-tls", "--entg-tls"),
+            "server": tlsArgs(d, "server", "--entg-tls"),
+        }
+
+    def test_everyLegOnTls(self):
+        with Tunnel(hostArgs=self.hostArgs()) as tunnel:
+            echo = tunnel.echoClient(1000)
+            self.assertEqual(echo.returncode, 0, echo.stdout + echo.stderr + tunnel.logs())
+            big = tunnel.echoClient(20_000_000, timeout=120)
+            self.assertEqual(big.returncode, 0, big.stdout + big.stderr + tunnel.logs())
+            sent = re.search(r"sha256 sent (\w+)", big.stdout).group(1)
+            self.assertEqual(re.search(r"sha256 back (\w+)", big.stdout).group(1), sent)
+            # The legs really are TLS: a plain-TCP agent is not let in.
+            logs = tunnel.logs(200)
+            self.assertNotIn("handshake", logs)
+
+    def waitForLog(self, tunnel, text, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in tunnel.logs(400):
+                return
+            time.sleep(0.2)
+        self.fail(f"no {text!r} in the logs:\n{tunnel.logs()}")
+
+    def test_gatewayRefusesWrongCertificate(self):
+        """
+        A client agent whose certificate another CA signed is refused by its
+        gateway, which logs it; the agent never takes the agent side, so
+        nothing it sends reaches a TUN.
+        """
+        other = os.path.join(self.dir, "other")
+        client = tlsArgs(other, "client", "--entg-tls", ca=os.path.join(self.dir, "ca.pem"))
+        with Tunnel(hostArgs=self.hostArgs(client), waitUp=False) as tunnel:
+            self.waitForLog(tunnel, "agent leg: TLS handshake with 10.1.0.1")
+            self.assertFalse(tunnel.tunnelUp())
+            gw1 = open(os.path.join(tunnel.logdir, "gw1-entg.log")).read()
+            self.assertNotIn("agent connected", gw1)
+            tunnel.stopServices()
+            server = open(os.path.join(tunnel.logdir, "server-enta.log")).read()
+            self.assertRegex(server, r"agent stopped: \d+ packets sent, 0 received")
+
+    def test_clientRefusesGatewayWithWrongName(self):
+        client = tlsArgs(self.dir, "client", "--entg-tls", "--entg-tls-name", "gw-elsewhere")
+        with Tunnel(hostArgs=self.hostArgs(client), waitUp=False) as tunnel:
+            self.waitForLog(tunnel, "gateway leg: TLS handshake with 10.1.0.2:6980 failed")
+            self.assertFalse(tunnel.tunnelUp())
+            client = open(os.path.join(tunnel.logdir, "client-enta.log")).read()
+            self.assertNotIn("connected to gateway", client)
