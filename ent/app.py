@@ -2,15 +2,13 @@
 Build ENT's services from parsed options; the twistd plugins call these.
 """
 
-import sys
-
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from ent.agent import AgentService
 from ent.endpoints import clientEndpoint, serverEndpoint
-from ent.errors import ConfigurationError, EntError
+from ent.errors import EntError
 from ent.gateway import GatewayService
 from ent.legs import secureClient, secureServer
 
@@ -48,7 +46,7 @@ class StartupGuard(MultiService):
 def _built(name, build):
     try:
         return build()
-    except ConfigurationError as e:
+    except EntError as e:
         raise SystemExit(f"twistd {name}: {e}")
 
 
@@ -74,10 +72,12 @@ def makeGatewayService(options, reactor):
             )
         else:
             peerListen = secureServer(
-                reactor, serverEndpoint(reactor, options["entg-listen"]), peerSecurity
+                reactor, serverEndpoint(reactor, options["entg-listen"]), peerSecurity,
+                options["entg-listen"],
             )
         agentListen = secureServer(
-            reactor, serverEndpoint(reactor, options["enta-listen"]), options["enta-security"]
+            reactor, serverEndpoint(reactor, options["enta-listen"]), options["enta-security"],
+            options["enta-listen"],
         )
         return StartupGuard("entg", GatewayService(
             agentListen, reactor, peerConnect=peerConnect, peerListen=peerListen,

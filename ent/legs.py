@@ -8,8 +8,24 @@ are the same whichever is chosen.
 from dataclasses import dataclass
 
 from ent import tls
-from ent.endpoints import DescribedEndpoint
+from ent.endpoints import DescribedEndpoint, hostOf, parsePort
 from ent.tls import TlsFiles
+
+
+@dataclass(frozen=True)
+class RatsTlsChoice:
+    """
+    The rats-tls library and plugins one leg asks for.
+    """
+
+    library: str | None
+    attester: str
+    verifier: str
+    tlsType: str
+    cryptoType: str
+    mutual: bool
+    logLevel: int
+    server: bool
 
 
 @dataclass(frozen=True)
@@ -22,6 +38,29 @@ class LegSecurity:
     kind: str = "tcp"
     tlsFiles: TlsFiles | None = None
     peerName: str | None = None
+    ratsTls: RatsTlsChoice | None = None
+
+
+_libraries = {}
+
+
+def ratsTlsSettings(choice):
+    """
+    Load the library (once per path: loading runs its constructor) and
+    pair it with this leg's plugin choice.
+    """
+    from ent import ratstls
+    from ent.ratstransport import RatsTlsSettings
+
+    path = choice.library or ratstls.default_library_path()
+    if path not in _libraries:
+        _libraries[path] = ratstls.load(path)
+    config = ratstls.RatsTlsConfig(
+        attester=choice.attester, verifier=choice.verifier, tls_type=choice.tlsType,
+        crypto_type=choice.cryptoType, mutual=choice.mutual, server=choice.server,
+        log_level=choice.logLevel,
+    )
+    return RatsTlsSettings(_libraries[path], config)
 
 
 def secureClient(reactor, endpoint, security, description):
@@ -31,13 +70,27 @@ def secureClient(reactor, endpoint, security, description):
     if security.kind == "tls":
         endpoint = tls.clientTls(endpoint, security.tlsFiles, security.peerName)
         description = f"{description} (TLS, {security.peerName})"
+    elif security.kind == "rats-tls":
+        from ent.ratstransport import RatsTlsClientEndpoint
+
+        host = hostOf(description)
+        port = parsePort(description.rpartition(":")[2])
+        endpoint = RatsTlsClientEndpoint(reactor, host, port, ratsTlsSettings(security.ratsTls))
+        description = f"{description} (rats-tls)"
     return DescribedEndpoint(endpoint, description)
 
 
-def secureServer(reactor, endpoint, security):
+def secureServer(reactor, endpoint, security, description):
     """
     The server endpoint of a leg, wrapped in its protection.
     """
     if security.kind == "tls":
         return tls.serverTls(endpoint, security.tlsFiles)
+    if security.kind == "rats-tls":
+        from ent.ratstransport import RatsTlsServerEndpoint
+
+        interface, _, port = description.rpartition(":")
+        return RatsTlsServerEndpoint(
+            reactor, parsePort(port), ratsTlsSettings(security.ratsTls), interface=interface,
+        )
     return endpoint

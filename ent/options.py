@@ -13,7 +13,7 @@ from twisted.python import usage
 from ent.endpoints import checkClientDescription, hostOf, isPlainListen, parsePort
 from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
-from ent.legs import LegSecurity
+from ent.legs import LegSecurity, RatsTlsChoice
 from ent.tls import TlsFiles
 
 CLIENT_TUN_ADDRESS = "192.168.0.1"
@@ -57,7 +57,47 @@ class SecurityOptions(usage.Options):
         ["tls-cert", None, None, "TLS: this side's certificate (PEM)."],
         ["tls-key", None, None, "TLS: this side's private key (PEM)."],
         ["tls-ca", None, None, "TLS: the CA certificate that signs the peers (PEM)."],
+        ["rats-tls-lib", None, None,
+         "rats-tls: path of librats_tls.so (default: $ENT_RATS_TLS_LIB, "
+         "else /usr/local/lib/rats-tls/librats_tls.so)."],
+        ["attester", None, None,
+         "rats-tls: attester plugin (default as ENG: nullattester when connecting, "
+         "sgx_ecdsa when accepting)."],
+        ["verifier", None, None,
+         "rats-tls: verifier plugin (default as ENG: sgx_ecdsa when connecting, "
+         "nullverifier when accepting)."],
+        ["tls-type", None, "openssl", "rats-tls: TLS wrapper plugin."],
+        ["crypto-type", None, "openssl", "rats-tls: crypto wrapper plugin."],
+        ["rats-tls-log-level", None, "error",
+         "rats-tls: library log level (debug, info, warn, error, fatal, off)."],
     ]
+    optFlags = [
+        ["mutual", None, "rats-tls: both sides attest (the accepting side verifies the connecting one too)."],
+    ]
+
+    def ratsTls(self, server):
+        """
+        The rats-tls settings of one leg; ENG's role defaults unless the
+        plugins are named.
+        """
+        from ent.ratstls import _LOG_LEVEL_NAMES
+
+        level = self["rats-tls-log-level"].lower()
+        if level not in _LOG_LEVEL_NAMES:
+            raise ConfigurationError(
+                f"--rats-tls-log-level {level!r} is not one of {', '.join(_LOG_LEVEL_NAMES)}"
+            )
+        attester = self["attester"] or ("sgx_ecdsa" if server else "nullattester")
+        verifier = self["verifier"] or ("nullverifier" if server else "sgx_ecdsa")
+        for name, value in (("attester", attester), ("verifier", verifier),
+                            ("tls-type", self["tls-type"]), ("crypto-type", self["crypto-type"])):
+            if not value or len(value.encode()) > 31 or not value.isascii():
+                raise ConfigurationError(f"--{name} {value!r} is not a plugin name")
+        return RatsTlsChoice(
+            library=self["rats-tls-lib"], attester=attester, verifier=verifier,
+            tlsType=self["tls-type"], cryptoType=self["crypto-type"],
+            mutual=bool(self["mutual"]), logLevel=_LOG_LEVEL_NAMES[level], server=server,
+        )
 
     def tlsFiles(self):
         missing = [f"--{n}" for n in ("tls-cert", "tls-key", "tls-ca") if not self[n]]
@@ -65,12 +105,20 @@ class SecurityOptions(usage.Options):
             raise ConfigurationError(f"a TLS leg needs {', '.join(missing)}")
         return TlsFiles(self["tls-cert"], self["tls-key"], self["tls-ca"])
 
-    def legSecurity(self, leg, connect=None, nameOption=None):
+    def legSecurity(self, leg, connect=None, nameOption=None, listen=None):
         """
         The protection of leg C{leg} ("entg" or "enta") from the flags
         C{--LEG-tls}; C{connect} is the leg's client description when this
         side connects, C{None} when it accepts.
         """
+        if self[f"{leg}-tls"] and self[f"{leg}-rats-tls"]:
+            raise ConfigurationError(f"--{leg}-tls and --{leg}-rats-tls exclude each other")
+        if self[f"{leg}-rats-tls"]:
+            if connect is not None and hostOf(connect) is None:
+                raise ConfigurationError(f"--{leg}-rats-tls needs HOST:PORT, not {connect!r}")
+            if listen is not None and not isPlainListen(listen):
+                raise ConfigurationError(f"--{leg}-rats-tls needs PORT or ADDR:PORT to listen on, not {listen!r}")
+            return LegSecurity("rats-tls", ratsTls=self.ratsTls(server=connect is None))
         if not self[f"{leg}-tls"]:
             return LegSecurity("tcp")
         files = self.tlsFiles()
@@ -115,6 +163,7 @@ class EntaOptions(SecurityOptions):
     ]
     optFlags = [
         ["entg-tls", None, "Protect the leg to the gateway with mutual TLS (--tls-cert, --tls-key, --tls-ca)."],
+        ["entg-rats-tls", None, "Protect the leg to the gateway with rats-tls (attested TLS)."],
     ]
 
     def __init__(self):
@@ -230,6 +279,8 @@ class EntgOptions(SecurityOptions):
     optFlags = [
         ["enta-tls", None, "Protect the agent's leg with mutual TLS (--tls-cert, --tls-key, --tls-ca)."],
         ["entg-tls", None, "Protect the peer gateway's leg with mutual TLS."],
+        ["enta-rats-tls", None, "Protect the agent's leg with rats-tls (attested TLS)."],
+        ["entg-rats-tls", None, "Protect the peer gateway's leg with rats-tls."],
     ]
 
     @_usage
@@ -248,5 +299,7 @@ class EntgOptions(SecurityOptions):
                 parsePort(value.rpartition(":")[2], f"--{name}")
             elif ":" not in value:
                 raise ConfigurationError(f"--{name} {value!r} is neither a port nor an endpoint string")
-        self["enta-security"] = self.legSecurity("enta")
-        self["entg-security"] = self.legSecurity("entg", self["entg-connect"], "entg-tls-name")
+        self["enta-security"] = self.legSecurity("enta", listen=self["enta-listen"])
+        self["entg-security"] = self.legSecurity(
+            "entg", self["entg-connect"], "entg-tls-name", listen=self["entg-listen"]
+        )

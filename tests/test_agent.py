@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from ent.agent import AgentService, GatewayLink
 from ent.flow import Valve
-from ent.framing import frame, frameSequence
+from ent.framing import frameSequence
 from ent.gateway import GatewayService
 
 

@@ -5,7 +5,6 @@ twistd processes, an unmodified echo server and client.
 
 import re
 import signal
-import subprocess
 import sys
 
 from twisted.trial import unittest

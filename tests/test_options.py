@@ -100,3 +100,51 @@ class EntgOptionsTests(unittest.TestCase):
         self.assertIn("out of range", str(e))
         e = self.assertRaises(usage.UsageError, entg, "--entg-listen", "ten")
         self.assertIn("neither a port", str(e))
+
+
+class SecurityOptionsTests(unittest.TestCase):
+    def test_plainByDefault(self):
+        self.assertEqual(enta("--dport", "7")["entg-security"].kind, "tcp")
+        o = entg()
+        self.assertEqual((o["enta-security"].kind, o["entg-security"].kind), ("tcp", "tcp"))
+
+    def test_tlsNeedsFilesAndTakesTheNameFromConnect(self):
+        e = self.assertRaises(usage.UsageError, enta, "--dport", "7", "--entg-tls")
+        self.assertIn("a TLS leg needs --tls-cert, --tls-key, --tls-ca", str(e))
+        o = enta("--dport", "7", "--entg-tls", "--entg-connect", "gw1.example:6980",
+                 "--tls-cert", "c.pem", "--tls-key", "c.key", "--tls-ca", "ca.pem")
+        security = o["entg-security"]
+        self.assertEqual((security.kind, security.peerName), ("tls", "gw1.example"))
+        self.assertEqual(security.tlsFiles.ca, "ca.pem")
+
+    def test_tlsNameOverride(self):
+        o = entg("--entg-tls", "--entg-connect", "10.2.0.2:6979", "--entg-tls-name", "gw2",
+                 "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a")
+        self.assertEqual(o["entg-security"].peerName, "gw2")
+        self.assertEqual(o["enta-security"].kind, "tcp")
+
+    def test_ratsTlsRoleDefaultsAsEng(self):
+        client = enta("--dport", "7", "--entg-rats-tls")["entg-security"].ratsTls
+        self.assertEqual((client.attester, client.verifier, client.server),
+                         ("nullattester", "sgx_ecdsa", False))
+        server = entg("--enta-rats-tls")["enta-security"].ratsTls
+        self.assertEqual((server.attester, server.verifier, server.server),
+                         ("sgx_ecdsa", "nullverifier", True))
+
+    def test_ratsTlsPluginsNamed(self):
+        o = entg("--entg-rats-tls", "--entg-connect", "10.2.0.2:6979", "--attester", "nullattester",
+                 "--verifier", "nullverifier", "--mutual", "--rats-tls-lib", "/opt/rats/librats_tls.so")
+        choice = o["entg-security"].ratsTls
+        self.assertEqual((choice.attester, choice.verifier, choice.mutual, choice.library),
+                         ("nullattester", "nullverifier", True, "/opt/rats/librats_tls.so"))
+
+    def test_refusals(self):
+        e = self.assertRaises(usage.UsageError, entg, "--enta-tls", "--enta-rats-tls")
+        self.assertIn("exclude", str(e))
+        e = self.assertRaises(usage.UsageError, enta, "--dport", "7", "--entg-rats-tls",
+                              "--entg-connect", "tcp:host=a:port=1")
+        self.assertIn("needs HOST:PORT", str(e))
+        e = self.assertRaises(usage.UsageError, entg, "--enta-rats-tls", "--rats-tls-log-level", "loud")
+        self.assertIn("is not one of", str(e))
+        e = self.assertRaises(usage.UsageError, entg, "--enta-rats-tls", "--attester", "x" * 40)
+        self.assertIn("not a plugin name", str(e))

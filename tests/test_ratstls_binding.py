@@ -7,7 +7,6 @@ Real sockets and real threads; every wait has a time limit, after which the
 test's sockets are shut down so that no thread stays blocked.
 """
 
-import atexit
 import hashlib
 import os
 import shutil
@@ -31,59 +30,10 @@ from ent.errors import (
 )
 from ent.ratstls import RatsTlsConfig, ffi
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BUILD_SCRIPT = os.path.join(HERE, "ratstls_mock", "build.sh")
-PROJECT = os.path.dirname(HERE)
+from tests.ratstlsmock import PROJECT, build_mock, mock_library, tmpRoot
+
 TIMEOUT = 10.0
 QUIET = ratstls.LOG_NONE
-
-_root = None
-_built = {}
-_loaded = {}
-
-
-def _tmp_root():
-    global _root
-    if _root is None:
-        _root = tempfile.mkdtemp(prefix="ent-ratstls-test-")
-        atexit.register(shutil.rmtree, _root, True)
-    return _root
-
-
-def build_mock(layout="2025", fresh=False):
-    """
-    Build the mock into a new directory (once per layout unless C{fresh});
-    return the path of its librats_tls.so.
-    """
-    if not fresh and layout in _built:
-        return _built[layout]
-    out = tempfile.mkdtemp(prefix=f"v{layout}-", dir=_tmp_root())
-    try:
-        result = subprocess.run(
-            ["sh", BUILD_SCRIPT, out, layout],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise AssertionError(f"cannot run {BUILD_SCRIPT}: {e}")
-    if result.returncode != 0:
-        raise AssertionError(
-            "building the mock librats_tls.so failed (it needs gcc and libssl-dev):\n"
-            + result.stdout
-            + result.stderr
-        )
-    path = os.path.join(out, "librats_tls.so")
-    if not fresh:
-        _built[layout] = path
-    return path
-
-
-def mock_library(layout="2025"):
-    if layout not in _loaded:
-        _loaded[layout] = ratstls.load(build_mock(layout))
-    return _loaded[layout]
 
 
 def cfg(**kwargs):
@@ -378,7 +328,7 @@ class LoadTests(TestCase):
         self.assertNotIn("alive", out.stdout)
 
     def test_missing_library(self):
-        path = os.path.join(_tmp_root(), "nowhere", "librats_tls.so")
+        path = os.path.join(tmpRoot(), "nowhere", "librats_tls.so")
         message = self.assertLibraryError(path)
         self.assertIn(path, message)
         self.assertIn("not found", message)
@@ -420,7 +370,7 @@ class LoadTests(TestCase):
         its strings, not whatever lies beside a copy of it.
         """
         original = build_mock(fresh=True)
-        elsewhere = tempfile.mkdtemp(dir=_tmp_root())
+        elsewhere = tempfile.mkdtemp(dir=tmpRoot())
         copy = os.path.join(elsewhere, "librats_tls.so")
         shutil.copy(original, copy)
         self.assertEqual(
@@ -437,7 +387,7 @@ class LoadTests(TestCase):
 
     def test_plugin_directory_override(self):
         path = build_mock()
-        empty = tempfile.mkdtemp(dir=_tmp_root())
+        empty = tempfile.mkdtemp(dir=tmpRoot())
         self.setenv(ratstls.PLUGIN_DIR_ENV, empty)
         message = self.assertLibraryError(path)
         for kind in ratstls.PLUGIN_KINDS:
@@ -447,7 +397,7 @@ class LoadTests(TestCase):
         self.assertEqual(ratstls.load(path).plugin_dir, real)
 
     def test_not_a_library(self):
-        directory = tempfile.mkdtemp(dir=_tmp_root())
+        directory = tempfile.mkdtemp(dir=tmpRoot())
         for kind in ratstls.PLUGIN_KINDS:
             os.makedirs(os.path.join(directory, "rats-tls", kind))
             open(os.path.join(directory, "rats-tls", kind, "x.so"), "w").close()
@@ -738,7 +688,7 @@ class PlainTlsPeerTests(TestCase):
             .not_valid_after(now + datetime.timedelta(days=1))
             .sign(key, hashes.SHA256())
         )
-        directory = tempfile.mkdtemp(dir=_tmp_root())
+        directory = tempfile.mkdtemp(dir=tmpRoot())
         key_path = os.path.join(directory, "key.pem")
         cert_path = os.path.join(directory, "cert.pem")
         with open(key_path, "wb") as f:

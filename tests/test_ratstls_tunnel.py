@@ -1,0 +1,92 @@
+"""
+The four-hop tunnel with every leg on rats-tls (the mock library: a real
+TLS session with null evidence), as real twistd processes in namespaces.
+"""
+
+import os
+import re
+import shutil
+import signal
+
+from twisted.trial import unittest
+
+from ent.topology import Topology, Tunnel, twistdCommand
+from tests.netns import requireRoot
+from tests.ratstlsmock import build_mock
+
+
+def ratsArgs(library):
+    return ["--rats-tls-lib", library, "--attester", "nullattester",
+            "--verifier", "nullverifier", "--rats-tls-log-level", "off"]
+
+
+class RatsTlsTunnelTests(unittest.TestCase):
+    def setUp(self):
+        requireRoot(self)
+        self.library = build_mock()
+
+    def hostArgs(self):
+        common = ratsArgs(self.library)
+        return {
+            "client": ["--entg-rats-tls", *common],
+            "gw1": ["--enta-rats-tls", "--entg-rats-tls", *common],
+            "gw2": ["--enta-rats-tls", "--entg-rats-tls", *common],
+            "server": ["--entg-rats-tls", *common],
+        }
+
+    def test_everyLegOnRatsTls(self):
+        with Tunnel(hostArgs=self.hostArgs()) as tunnel:
+            echo = tunnel.echoClient(1000)
+            self.assertEqual(echo.returncode, 0, echo.stdout + echo.stderr + tunnel.logs())
+            big = tunnel.echoClient(20_000_000, timeout=120)
+            self.assertEqual(big.returncode, 0, big.stdout + big.stderr + tunnel.logs())
+            sent = re.search(r"sha256 sent (\w+)", big.stdout).group(1)
+            self.assertEqual(re.search(r"sha256 back (\w+)", big.stdout).group(1), sent)
+            # Each leg negotiated rats-tls: plain TCP would not even connect.
+            ss = tunnel.topology.exec("gw1", "ss", "-tn").stdout
+            self.assertIn("10.1.0.2:6980", ss)
+
+    def test_stopWithLiveSessionsIsQuickAndClean(self):
+        with Tunnel(hostArgs=self.hostArgs()) as tunnel:
+            self.assertEqual(tunnel.echoClient(100).returncode, 0, tunnel.logs())
+            stopped = tunnel.stopServices()
+            for host, (code, seconds) in stopped.items():
+                self.assertIn(code, (0, -signal.SIGTERM), f"{host}: exit {code}\n{tunnel.logs()}")
+                self.assertLess(seconds, 2.0, f"{host} took {seconds:.2f}s to stop\n{tunnel.logs()}")
+            self.assertEqual(tunnel.leftovers(), {})
+            self.assertNotIn("Traceback", tunnel.logs(400))
+
+
+class RatsTlsLibraryErrorTests(unittest.TestCase):
+    """
+    A missing library or plugin directory stops the start with a message
+    saying what is missing and how to point ENT at it.
+    """
+
+    def setUp(self):
+        requireRoot(self)
+        self.topology = Topology().__enter__()
+        self.addCleanup(self.topology.destroy)
+
+    def runEntg(self, *args):
+        return self.topology.exec(
+            "gw1", *twistdCommand(), "-n", "--pidfile=", "entg", "--enta-rats-tls", *args, timeout=30
+        )
+
+    def test_missingLibrary(self):
+        result = self.runEntg("--rats-tls-lib", "/nonexistent/librats_tls.so")
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("/nonexistent/librats_tls.so", output)
+        self.assertIn("--rats-tls-lib", output)
+        self.assertNotIn("Traceback", output)
+
+    def test_missingPluginDirectory(self):
+        copy = os.path.dirname(build_mock(fresh=True))
+        shutil.rmtree(os.path.join(copy, "rats-tls", "verifiers"))
+        result = self.runEntg("--rats-tls-lib", os.path.join(copy, "librats_tls.so"))
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("verifiers", output)
+        self.assertNotIn("FATAL", output, "the library's constructor must not have run")
+        self.assertNotIn("Traceback", output)

@@ -1,0 +1,262 @@
+"""
+rats-tls legs for real: the mock librats_tls (a real TLS session with
+null evidence, built with OpenSSL), real threads, real loopback sockets.
+"""
+
+import hashlib
+import os
+import socket
+import threading
+
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial import unittest
+
+from ent import ratstls, ratstransport
+from ent.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
+from tests.ratstlsmock import mock_library
+
+
+def settings():
+    config = ratstls.RatsTlsConfig(log_level=ratstls.LOG_NONE)
+    return RatsTlsSettings(mock_library(), config)
+
+
+class Collector(protocol.Protocol):
+    """
+    Keeps what arrives; counts connectionLost calls.
+    """
+
+    def __init__(self):
+        self.received = bytearray()
+        self.lost = []
+        self.made = defer.Deferred()
+        self.ended = defer.Deferred()
+        self.waiters = []
+
+    def connectionMade(self):
+        self.made.callback(self)
+
+    def dataReceived(self, data):
+        self.received += data
+        for size, d in list(self.waiters):
+            if len(self.received) >= size:
+                self.waiters.remove((size, d))
+                d.callback(self)
+
+    def waitFor(self, size):
+        if len(self.received) >= size:
+            return defer.succeed(self)
+        d = defer.Deferred()
+        self.waiters.append((size, d))
+        return d
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+        self.ended.callback(None)
+
+
+class CollectorFactory(protocol.Factory):
+    def __init__(self):
+        self.protocols = []
+        self.first = defer.Deferred()
+
+    def buildProtocol(self, addr):
+        p = Collector()
+        self.protocols.append(p)
+        if not self.first.called:
+            self.first.callback(p)
+        return p
+
+
+@implementer(IPushProducer)
+class RecordingProducer:
+    def __init__(self):
+        self.events = []
+
+    def pauseProducing(self):
+        self.events.append("pause")
+
+    def resumeProducing(self):
+        self.events.append("resume")
+
+    def stopProducing(self):
+        self.events.append("stop")
+
+
+def timeout(d, seconds=20):
+    return d.addTimeout(seconds, reactor)
+
+
+class RatsTlsTransportTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def connectPair(self):
+        self.serverFactory = CollectorFactory()
+        port = yield RatsTlsServerEndpoint(reactor, 0, settings(), interface="127.0.0.1").listen(
+            self.serverFactory
+        )
+        self.addCleanup(port.stopListening)
+        endpoint = RatsTlsClientEndpoint(reactor, "127.0.0.1", port.getHost().port, settings())
+        client = yield timeout(endpoint.connect(protocol.Factory.forProtocol(Collector)))
+        server = yield timeout(self.serverFactory.first)
+        yield timeout(server.made)
+        self.addCleanup(self.closeAll, client, server)
+        return client, server
+
+    @defer.inlineCallbacks
+    def closeAll(self, *protocols):
+        for p in protocols:
+            if not p.transport.disconnected:
+                p.transport.abortConnection()
+        for p in protocols:
+            yield timeout(p.ended if not p.lost else defer.succeed(None))
+
+    @defer.inlineCallbacks
+    def test_providesTransportInterfaces(self):
+        client, server = yield self.connectPair()
+        for transport in (client.transport, server.transport):
+            self.assertTrue(verifyObject(ITransport, transport))
+            self.assertTrue(verifyObject(IPushProducer, transport))
+            self.assertTrue(verifyObject(IConsumer, transport))
+        self.assertEqual(client.transport.getPeer().port, server.transport.getHost().port)
+        self.assertEqual(client.transport.getHost().port, server.transport.getPeer().port)
+
+    @defer.inlineCallbacks
+    def test_20MBEachWaySameSha256(self):
+        client, server = yield self.connectPair()
+        up = os.urandom(20_000_000)
+        down = os.urandom(20_000_000)
+        # Written in pieces, as the tunnel does; both directions at once.
+        for i in range(0, len(up), 65536):
+            client.transport.write(up[i : i + 65536])
+            server.transport.write(down[i : i + 65536])
+        yield timeout(defer.gatherResults([server.waitFor(len(up)), client.waitFor(len(down))]), 50)
+        self.assertEqual(hashlib.sha256(server.received).hexdigest(), hashlib.sha256(up).hexdigest())
+        self.assertEqual(hashlib.sha256(client.received).hexdigest(), hashlib.sha256(down).hexdigest())
+
+    @defer.inlineCallbacks
+    def test_backpressure(self):
+        """
+        A receiver that stops reading pauses the sender's producer; the
+        sender's queue stays bounded; reading again resumes it.
+        """
+        client, server = yield self.connectPair()
+        producer = RecordingProducer()
+        client.transport.registerProducer(producer, True)
+        server.transport.pauseProducing()
+        chunk = b"x" * 65536
+        sent = 0
+        for _ in range(400):  # up to 26 MB offered
+            if producer.events[-1:] == ["pause"]:
+                break
+            client.transport.write(chunk)
+            sent += len(chunk)
+            yield task.deferLater(reactor, 0.002, lambda: None)
+        self.assertEqual(producer.events, ["pause"])
+        self.assertLess(sent, 16_000_000, "socket buffers alone cannot hold this much")
+        received = len(server.received)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertLessEqual(
+            len(server.received) - received, ratstransport.READ_AHEAD * ratstransport.RECEIVE_SIZE
+        )
+        server.transport.resumeProducing()
+        yield timeout(server.waitFor(sent))
+        self.assertEqual(len(server.received), sent)
+        self.assertEqual(producer.events, ["pause", "resume"])
+
+    @defer.inlineCallbacks
+    def test_peerCloseEndsBothOnce(self):
+        client, server = yield self.connectPair()
+        client.transport.write(b"last words")
+        client.transport.loseConnection()
+        yield timeout(server.ended)
+        yield timeout(client.ended)
+        self.assertEqual(bytes(server.received), b"last words")
+        self.assertEqual(len(server.lost), 1)
+        self.assertEqual(len(client.lost), 1)
+        self.assertTrue(client.lost[0].check(error.ConnectionDone))
+        self.assertTrue(server.lost[0].check(error.ConnectionDone))
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual((len(server.lost), len(client.lost)), (1, 1))
+        self.assertNoThreadsLeft()
+
+    @defer.inlineCallbacks
+    def test_abortEndsOnce(self):
+        client, server = yield self.connectPair()
+        server.transport.abortConnection()
+        server.transport.abortConnection()
+        server.transport.loseConnection()
+        yield timeout(server.ended)
+        yield timeout(client.ended)
+        self.assertTrue(server.lost[0].check(error.ConnectionAborted))
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual((len(server.lost), len(client.lost)), (1, 1))
+        self.assertNoThreadsLeft()
+
+    @defer.inlineCallbacks
+    def test_loseConnectionWithStuckPeerAborts(self):
+        """
+        A peer that does not read cannot hold up a local close for long.
+        """
+        client, server = yield self.connectPair()
+        server.transport.pauseProducing()
+        for _ in range(200):
+            client.transport.write(b"y" * 65536)
+        client.transport.loseConnection()
+        yield timeout(client.ended, ratstransport.CLOSE_TIMEOUT + 5)
+        self.assertEqual(len(client.lost), 1)
+
+    def assertNoThreadsLeft(self):
+        names = [t.name for t in threading.enumerate() if t.name.startswith("rats-tls")]
+        self.assertEqual(names, [])
+
+    @defer.inlineCallbacks
+    def test_handshakeWithGarbageServerFails(self):
+        class Garbage(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(b"this is not TLS\r\n" * 20)
+                self.transport.loseConnection()
+
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(Garbage)
+        )
+        self.addCleanup(port.stopListening)
+        endpoint = RatsTlsClientEndpoint(reactor, "127.0.0.1", port.getHost().port, settings())
+        e = yield self.assertFailure(
+            timeout(endpoint.connect(protocol.Factory.forProtocol(Collector))), error.ConnectError
+        )
+        self.assertIn("rats-tls handshake failed", str(e))
+        self.assertIn("negotiate", str(e))
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_plainTcpClientRefused(self):
+        factory = CollectorFactory()
+        port = yield RatsTlsServerEndpoint(reactor, 0, settings(), interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        plain = yield timeout(
+            task.deferLater(reactor, 0, socket.create_connection, ("127.0.0.1", port.getHost().port))
+        )
+        plain.sendall(b"\x00\x00\x00\x05hello")
+        plain.shutdown(socket.SHUT_WR)
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        plain.close()
+        self.assertEqual(factory.protocols, [], "no protocol may see a peer that failed the handshake")
+
+    @defer.inlineCallbacks
+    def test_connectRefused(self):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        freePort = probe.getsockname()[1]
+        probe.close()
+        endpoint = RatsTlsClientEndpoint(reactor, "127.0.0.1", freePort, settings())
+        e = yield self.assertFailure(
+            timeout(endpoint.connect(protocol.Factory.forProtocol(Collector))), error.ConnectError
+        )
+        self.assertIn("refused", str(e).lower())
