@@ -14,6 +14,7 @@ from ent import netfilter, routing, tun
 from ent.errors import EntError
 from ent.flow import Valve
 from ent.framing import frameSequence
+from ent.packets import wellFormed
 from ent.protocols.framed import FramedLeg
 from ent.stats import DropReporter
 
@@ -26,7 +27,7 @@ class GatewayLink(FramedLeg):
     leg = "gateway"
 
     def __init__(self, agent):
-        FramedLeg.__init__(self, agent.drops)
+        FramedLeg.__init__(self, agent.drops, agent.reactor)
         self.agent = agent
 
     def legUp(self):
@@ -183,6 +184,7 @@ class AgentService(MultiService):
         if self.tun is None:
             self.drops.count("TUN closed", len(packets))
             return
+        packets = wellFormed(packets, self.drops)
         self.packetsIn += len(packets)
         self.tun.writePackets(packets)
 

@@ -25,8 +25,9 @@ class RelayHub:
 
     log = Logger()
 
-    def __init__(self, drops):
+    def __init__(self, drops, clock):
         self.drops = drops
+        self.clock = clock
         self.legs = {"agent": None, "peer": None}
         self.bytesRelayed = {"agent": 0, "peer": 0}
 
@@ -98,7 +99,7 @@ class GatewayService(MultiService):
     def __init__(self, agentEndpoint, reactor, peerConnect=None, peerListen=None):
         MultiService.__init__(self)
         self.drops = DropReporter(reactor, "entg")
-        self.hub = RelayHub(self.drops)
+        self.hub = RelayHub(self.drops, reactor)
         self._listen(agentEndpoint, "agent")
         if peerConnect is not None:
             ClientService(

@@ -16,6 +16,7 @@ from ent.agent import AgentService, GatewayLink
 from ent.flow import Valve
 from ent.framing import frameSequence
 from ent.gateway import GatewayService
+from tests.test_packets import ipv4
 
 
 class FakeTun:
@@ -75,10 +76,12 @@ class AgentDataPathTests(unittest.TestCase):
 
     def test_framesFromGatewayWrittenToTun(self):
         link = self.connect()
-        stream = b"".join(frameSequence([b"\x45" * 30, b"\x45" * 31]))
+        packets = [ipv4(b"a" * 30), ipv4(b"b" * 31)]
+        stream = b"".join(frameSequence(packets + [b"\x45 not a packet"]))
         link.dataReceived(stream[:33])
         link.dataReceived(stream[33:])
-        self.assertEqual(self.tun.written, [b"\x45" * 30, b"\x45" * 31])
+        self.assertEqual(self.tun.written, packets)
+        self.assertEqual(self.agent.drops.total["truncated IPv4 header"], 1)
 
     def test_linkLostPausesTunAndKeepsIt(self):
         link = self.connect()

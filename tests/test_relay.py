@@ -28,8 +28,9 @@ def lose(leg):
 
 class RelayHubTests(unittest.TestCase):
     def setUp(self):
-        self.drops = DropReporter(Clock(), "test")
-        self.hub = RelayHub(self.drops)
+        self.clock = Clock()
+        self.drops = DropReporter(self.clock, "test")
+        self.hub = RelayHub(self.drops, self.clock)
 
     def test_aloneSideIsPaused(self):
         agent = connect(self.hub, "agent")
@@ -95,3 +96,27 @@ class RelayHubTests(unittest.TestCase):
         self.assertFalse(peer.transport.disconnecting)
         self.assertEqual(self.drops.total["framing error on agent leg (EmptyFrame)"], 1)
         self.assertEqual(peer.transport.value(), b"")
+
+    def test_stalledPartialFrameDropsTheConnection(self):
+        """
+        A length prefix followed by a short read and a hang: the connection
+        is dropped after the timeout, and nothing partial is relayed.
+        """
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        agent.dataReceived(frame(b"\x45" * 1000)[:10])
+        self.clock.advance(agent.partialFrameTimeout - 1)
+        self.assertFalse(agent.transport.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(agent.transport.disconnected)
+        self.assertEqual(peer.transport.value(), b"")
+        self.assertEqual(self.drops.total["stalled partial frame on agent leg"], 1)
+
+    def test_slowButProgressingStreamIsKept(self):
+        agent = connect(self.hub, "agent")
+        connect(self.hub, "peer")
+        for _ in range(5):
+            agent.dataReceived(frame(b"\x45" * 10) + frame(b"\x45" * 10)[:5])
+            self.clock.advance(agent.partialFrameTimeout - 1)
+            agent.dataReceived(frame(b"\x45" * 10)[5:])
+        self.assertFalse(agent.transport.disconnected)

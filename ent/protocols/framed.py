@@ -33,10 +33,16 @@ class FramedLeg(Protocol):
     leg = "leg"
     relay = False
     up = False
+    # A peer that sends part of a frame and then nothing for this long is
+    # stuck or hostile: its connection is dropped.
+    partialFrameTimeout = 30.0
 
-    def __init__(self, drops):
+    def __init__(self, drops, clock):
         self.drops = drops
+        self.clock = clock
         self.decoder = FrameDecoder()
+        self._completed = 0
+        self._stallCheck = None
 
     def peerName(self):
         peer = self.transport.getPeer() if self.transport else None
@@ -71,9 +77,39 @@ class FramedLeg(Protocol):
             self.transport.abortConnection()
             return
         if out:
+            self._completed += 1
             self.framedDataReceived(out)
+        if self.decoder.pending and self._stallCheck is None:
+            self._stallCheck = self.clock.callLater(
+                self.partialFrameTimeout, self._checkStall, self._completed
+            )
+
+    def _checkStall(self, completedBefore):
+        """
+        Drop the connection if no frame was completed since the check was
+        armed and part of one is still pending.
+        """
+        self._stallCheck = None
+        if not self.decoder.pending:
+            return
+        if self._completed == completedBefore:
+            self.drops.count(f"stalled partial frame on {self.leg} leg")
+            self.log.error(
+                "{leg} leg: dropping connection from {peer}: {pending} bytes of a "
+                "frame and nothing more for {timeout}s",
+                leg=self.leg, peer=self.peerName(), pending=self.decoder.pending,
+                timeout=self.partialFrameTimeout,
+            )
+            self.transport.abortConnection()
+        else:
+            self._stallCheck = self.clock.callLater(
+                self.partialFrameTimeout, self._checkStall, self._completed
+            )
 
     def connectionLost(self, reason):
+        if self._stallCheck is not None:
+            self._stallCheck.cancel()
+            self._stallCheck = None
         partial = self.decoder.clear()
         if partial:
             self.drops.count(f"partial frame cut off on {self.leg} leg")

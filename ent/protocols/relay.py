@@ -17,7 +17,7 @@ class RelayLeg(FramedLeg):
     relay = True
 
     def __init__(self, hub, side):
-        FramedLeg.__init__(self, hub.drops)
+        FramedLeg.__init__(self, hub.drops, hub.clock)
         self.hub = hub
         self.side = side
         self.leg = side
