@@ -238,10 +238,13 @@ class Tunnel:
     def tunnelUp(self):
         return self.topology.exec("client", "ping", "-c", "1", "-W", "1", "192.168.0.254").returncode == 0
 
-    def echoClient(self, size, timeout=60):
+    def echoCommand(self, size, timeout=60, connections=1):
+        return [sys.executable, ECHOSVR, "client", "--host", ADDRESS["server"], "--port", "7",
+                "--bytes", str(size), "--timeout", str(timeout), "--connections", str(connections)]
+
+    def echoClient(self, size, timeout=60, connections=1):
         return self.topology.exec(
-            "client", sys.executable, ECHOSVR, "client", "--host", ADDRESS["server"],
-            "--port", "7", "--bytes", str(size), "--timeout", str(timeout), timeout=timeout + 30,
+            "client", *self.echoCommand(size, timeout, connections), timeout=timeout + 30,
         )
 
     def stopServices(self):

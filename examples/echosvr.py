@@ -94,8 +94,10 @@ def makePayload(size):
 
 
 @defer.inlineCallbacks
-def runClient(reactor, args):
-    payload = makePayload(args.bytes)
+def echoOnce(reactor, args, payload):
+    """
+    One connection: send C{payload}, half-close, check the echo.
+    """
     endpoint = endpoints.TCP4ClientEndpoint(reactor, args.host, args.port, timeout=args.timeout)
     proto = EchoCheck(payload)
     yield endpoints.connectProtocol(endpoint, proto)
@@ -104,6 +106,16 @@ def runClient(reactor, args):
     if timer.active():
         timer.cancel()
     ok = proto.size == len(payload) and proto.received.digest() == hashlib.sha256(payload).digest()
+    return ok, proto
+
+
+@defer.inlineCallbacks
+def runClient(reactor, args):
+    if args.connections > 1:
+        yield runMany(reactor, args)
+        return
+    payload = makePayload(args.bytes)
+    ok, proto = yield echoOnce(reactor, args, payload)
     verdict = "PASS" if ok else "FAILED"
     print(f"sent {len(payload)} bytes, received {proto.size} bytes")
     print(f"sha256 sent {hashlib.sha256(payload).hexdigest()}")
@@ -113,8 +125,28 @@ def runClient(reactor, args):
         raise SystemExit(1)
 
 
+@defer.inlineCallbacks
+def runMany(reactor, args):
+    """
+    Many concurrent connections, each with its own random payload.
+    """
+    payloads = [os.urandom(args.bytes) for _ in range(args.connections)]
+    results = yield defer.DeferredList(
+        [echoOnce(reactor, args, p) for p in payloads], consumeErrors=True
+    )
+    passed = sum(1 for success, value in results if success and value[0])
+    errors = [value.getErrorMessage() for success, value in results if not success]
+    print(f"{args.connections} connections of {args.bytes} bytes each: "
+          f"{passed} echoed correctly, {args.connections - passed} failed")
+    for message in sorted(set(errors)):
+        print(f"error: {message}")
+    print("content PASS" if passed == args.connections else "content FAILED")
+    if passed != args.connections:
+        raise SystemExit(1)
+
+
 def runServer(reactor, args):
-    endpoint = endpoints.TCP4ServerEndpoint(reactor, args.port, interface=args.host)
+    endpoint = endpoints.TCP4ServerEndpoint(reactor, args.port, backlog=1024, interface=args.host)
     d = endpoint.listen(EchoFactory())
     d.addCallback(lambda port: log.info("echo server on {host}:{port}", host=args.host, port=args.port))
     d.addCallback(lambda _: defer.Deferred())
@@ -132,6 +164,8 @@ def main(argv=None):
     client.add_argument("--port", type=int, default=7)
     client.add_argument("--bytes", type=int, default=64)
     client.add_argument("--timeout", type=float, default=30.0)
+    client.add_argument("--connections", type=int, default=1,
+                        help="concurrent connections, each with its own random payload")
     args = parser.parse_args(argv)
     if args.command == "server":
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])

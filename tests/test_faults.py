@@ -1,0 +1,111 @@
+"""
+Faults injected for real into a running tunnel: killed and restarted
+processes, a cut gateway connection, many connections at once.
+"""
+
+import re
+import signal
+import subprocess
+import time
+
+from twisted.trial import unittest
+
+from ent.topology import Tunnel
+from tests.netns import requireRoot
+
+
+def sha256s(output):
+    return (re.search(r"sha256 sent (\w+)", output).group(1),
+            re.search(r"sha256 back (\w+)", output).group(1))
+
+
+class FaultTests(unittest.TestCase):
+    def setUp(self):
+        requireRoot(self)
+        self.tunnel = Tunnel().__enter__()
+        self.addCleanup(self.tunnel.__exit__, None, None, None)
+        self.t = self.tunnel.topology
+
+    def ourState(self, host):
+        ex = self.t.exec
+        return {
+            "tuns": ex(host, "ip", "-o", "link", "show", "type", "tun").stdout.count("tun0"),
+            "tables": ex(host, "nft", "list", "tables").stdout.split("\n").count("table ip ent_tun0"),
+            "rules": ex(host, "ip", "rule").stdout.count("lookup 6978"),
+            "routes": len(ex(host, "ip", "route", "show", "table", "6978").stdout.splitlines()),
+        }
+
+    def restart(self, host, sig=signal.SIGKILL):
+        code, _ = self.t.stop(self.tunnel.services[host], sig)
+        return code
+
+    def test_agentKill9ThenRestartReplacesStaleState(self):
+        self.assertEqual(self.ourState("client"), {"tuns": 1, "tables": 1, "rules": 1, "routes": 1})
+        self.assertEqual(self.restart("client"), -signal.SIGKILL)
+        stale = self.ourState("client")
+        self.assertEqual(stale["tuns"], 0, "the TUN dies with its process")
+        self.assertEqual((stale["tables"], stale["rules"]), (1, 1), "a killed agent leaves these")
+        self.tunnel.startService("client")
+        self.t.waitFor(self.tunnel.tunnelUp, timeout=30)
+        self.assertEqual(self.ourState("client"), {"tuns": 1, "tables": 1, "rules": 1, "routes": 1})
+        echo = self.tunnel.echoClient(1000)
+        self.assertEqual(echo.returncode, 0, echo.stdout + self.tunnel.logs())
+        self.tunnel.stopServices()
+        self.assertEqual(self.tunnel.leftovers(), {})
+
+    def test_gatewayRestartAgentReconnects(self):
+        self.restart("gw1")
+        self.assertFalse(self.tunnel.tunnelUp())
+        self.tunnel.startService("gw1")
+        self.t.waitFor(self.tunnel.tunnelUp, timeout=30)
+        echo = self.tunnel.echoClient(1000)
+        self.assertEqual(echo.returncode, 0, echo.stdout + self.tunnel.logs())
+        log = open(f"{self.tunnel.logdir}/client-enta.log").read()
+        self.assertEqual(log.count("connected to gateway 10.1.0.2:6980"), 2)
+        self.assertIn("lost gateway 10.1.0.2:6980", log)
+
+    def transferThrough(self, cut, size=50_000_000):
+        """
+        Start a transfer, C{cut} the gateway link while it runs, and check
+        that it completes with the same sha256.
+        """
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", self.t.ns("client"), *self.tunnel.echoCommand(size, timeout=240)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.addCleanup(lambda: client.poll() is None and client.kill())
+        echoLog = f"{self.tunnel.logdir}/echo.log"
+        self.t.waitFor(lambda: open(echoLog).read().count("connection from") >= 1, timeout=20)
+        time.sleep(0.3)
+        self.assertIsNone(client.poll(), "the transfer ended before the cut")
+        cut()
+        output, _ = client.communicate(timeout=300)
+        self.assertEqual(client.returncode, 0, output + self.tunnel.logs())
+        sent, back = sha256s(output)
+        self.assertEqual(sent, back)
+        self.assertIn(f"received {size} bytes", output)
+        return output
+
+    def test_killAndRestartGatewayDuringTransfer(self):
+        def cut():
+            self.restart("gw1")
+            time.sleep(1.0)
+            self.tunnel.startService("gw1")
+
+        self.transferThrough(cut)
+        log = open(f"{self.tunnel.logdir}/gw2-entg.log").read()
+        self.assertIn("peer 10.2.0.1", log)
+
+    def test_dropGatewayConnectionDuringTransfer(self):
+        def cut():
+            killed = self.t.exec("gw1", "ss", "-K", "dst", "10.2.0.2", "dport", "=", "6979")
+            self.assertIn("10.2.0.2:6979", killed.stdout)
+
+        self.transferThrough(cut)
+        log = open(f"{self.tunnel.logdir}/gw1-entg.log").read()
+        self.assertEqual(log.count("relaying between agent and peer gateway"), 2, log)
+
+    def test_200ConcurrentConnections(self):
+        result = self.tunnel.echoClient(20_000, timeout=120, connections=200)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr + self.tunnel.logs())
+        self.assertIn("200 connections of 20000 bytes each: 200 echoed correctly, 0 failed", result.stdout)
