@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 
 from ent.topology import ADDRESS, Tunnel
 
@@ -41,7 +42,7 @@ def main(argv=None):
         f"and {ADDRESS['gw2']}/{ADDRESS['gw2.agent']}, server host {ADDRESS['server']}")
     ok = False
     try:
-        with Tunnel() as tunnel:
+        with Tunnel(logdir=tempfile.mkdtemp(prefix="ent-demo-")) as tunnel:
             t = tunnel.topology
             say(f"\n[1] namespaces {', '.join(t.created)} are up; services started "
                 f"(logs in {tunnel.logdir}); the tunnel answers ping")

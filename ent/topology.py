@@ -184,6 +184,7 @@ class Tunnel:
     """
 
     def __init__(self, agentArgs=(), gatewayArgs=(), logdir=None, hostArgs=None, waitUp=True):
+        self.ownLogdir = logdir is None
         self.logdir = logdir or tempfile.mkdtemp(prefix="ent-")
         self.topology = Topology(logdir=self.logdir)
         self.agentArgs = list(agentArgs)
@@ -204,6 +205,18 @@ class Tunnel:
 
     def __exit__(self, *exc):
         self.topology.destroy()
+        if self.ownLogdir:
+            shutil.rmtree(self.logdir, ignore_errors=True)
+
+    def rss(self, host):
+        """
+        Resident memory of C{host}'s ENT process, in bytes.
+        """
+        with open(f"/proc/{self.services[host].pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS for {host}")
 
     def startAll(self):
         t = self.topology

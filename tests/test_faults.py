@@ -109,3 +109,45 @@ class FaultTests(unittest.TestCase):
         result = self.tunnel.echoClient(20_000, timeout=120, connections=200)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr + self.tunnel.logs())
         self.assertIn("200 connections of 20000 bytes each: 200 echoed correctly, 0 failed", result.stdout)
+
+
+class SlowPeerTests(unittest.TestCase):
+    def setUp(self):
+        requireRoot(self)
+        self.tunnel = Tunnel().__enter__()
+        self.addCleanup(self.tunnel.__exit__, None, None, None)
+        self.t = self.tunnel.topology
+
+    def test_peerThatStopsReadingKeepsMemoryBounded(self):
+        """
+        The server-side agent stops reading (SIGSTOP): backpressure reaches
+        the client's TUN reader, which pauses; every process's memory stays
+        bounded and does not grow; after SIGCONT the transfer completes
+        intact.
+        """
+        size = 50_000_000
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", self.t.ns("client"), *self.tunnel.echoCommand(size, timeout=240)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.addCleanup(lambda: client.poll() is None and client.kill())
+        echoLog = f"{self.tunnel.logdir}/echo.log"
+        self.t.waitFor(lambda: "connection from" in open(echoLog).read(), timeout=20)
+        server = self.tunnel.services["server"]
+        server.send_signal(signal.SIGSTOP)
+        try:
+            before = {h: self.tunnel.rss(h) for h in ("client", "gw1", "gw2")}
+            time.sleep(3)
+            after = {h: self.tunnel.rss(h) for h in ("client", "gw1", "gw2")}
+            self.assertIsNone(client.poll(), "the transfer cannot finish while the server is stopped")
+        finally:
+            server.send_signal(signal.SIGCONT)
+        for host in after:
+            self.assertLess(after[host], 80 * 2**20, f"{host}: RSS {after[host]} bytes")
+            self.assertLess(after[host] - before[host], 8 * 2**20,
+                            f"{host}: RSS grew from {before[host]} to {after[host]} while stalled")
+        output, _ = client.communicate(timeout=300)
+        self.assertEqual(client.returncode, 0, output + self.tunnel.logs())
+        sent, back = sha256s(output)
+        self.assertEqual(sent, back)
+        print(f"\nRSS while stalled (bytes): {after}")
