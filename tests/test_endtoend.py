@@ -120,6 +120,25 @@ class StartFailureTests(unittest.TestCase):
         self.assertEqual(ex("client", "nft", "list", "tables").stdout, "")
         self.assertNotIn("6978", ex("client", "ip", "rule").stdout)
 
+    def test_withoutPrivileges(self):
+        result = self.topology.exec(
+            "client", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            *twistdCommand(), "-n", "--pidfile=", "enta", "--dport", "7", timeout=30,
+        )
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("enta: cannot start: cannot open /dev/net/tun: run as root", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNothingConfigured()
+
+    def test_badEndpointString(self):
+        result = self.run_enta("--dport", "7", "--entg-connect", "tcp:host=10.1.0.2")
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("twistd enta: bad client endpoint 'tcp:host=10.1.0.2'", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNothingConfigured()
+
     def test_gatewayPortInUse(self):
         blocker = self.topology.start("gw1", sys.executable, "-c",
                                       "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',6980)); s.listen(); time.sleep(60)")

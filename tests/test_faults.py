@@ -6,6 +6,7 @@ processes, a cut gateway connection, many connections at once.
 import re
 import signal
 import subprocess
+import sys
 import time
 
 from twisted.trial import unittest
@@ -104,6 +105,32 @@ class FaultTests(unittest.TestCase):
         self.transferThrough(cut)
         log = open(f"{self.tunnel.logdir}/gw1-entg.log").read()
         self.assertEqual(log.count("relaying between agent and peer gateway"), 2, log)
+
+    def test_badFramesDropTheConnectionNotTheGateway(self):
+        script = (
+            "import os, socket, sys, time\n"
+            "for data in (b'\\0\\0\\0\\0', b'\\xff\\xff\\xff\\xff', b'\\x7f' + os.urandom(4095)):\n"
+            "    s = socket.create_connection(('10.1.0.2', 6980), timeout=5)\n"
+            "    s.sendall(data)\n"
+            "    try:\n"
+            "        print(len(s.recv(100)))\n"
+            "    except ConnectionResetError:\n"
+            "        print('reset')\n"
+            "    s.close()\n"
+            "    time.sleep(0.2)\n"
+        )
+        result = self.t.exec("client", sys.executable, "-c", script)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(result.stdout.split()), 3)
+        log = open(f"{self.tunnel.logdir}/gw1-entg.log").read()
+        self.assertIn("agent leg: dropping connection from 10.1.0.1:", log)
+        self.assertIn("frame with length 0", log)
+        self.assertIn("frame of 4294967295 bytes exceeds the maximum of 65535", log)
+        self.assertIsNone(self.tunnel.services["gw1"].poll(), "the gateway must survive")
+        # The real agent, replaced by each bad connection, comes back by itself.
+        self.t.waitFor(self.tunnel.tunnelUp, timeout=30)
+        echo = self.tunnel.echoClient(1000)
+        self.assertEqual(echo.returncode, 0, echo.stdout + self.tunnel.logs())
 
     def test_200ConcurrentConnections(self):
         result = self.tunnel.echoClient(20_000, timeout=120, connections=200)
