@@ -95,6 +95,7 @@ def handshake(sock, session):
     Blocking: run the rats-tls handshake on the connected C{sock}.
     """
     sock.setblocking(True)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     _setSocketTimeouts(sock, HANDSHAKE_TIMEOUT)
     session.negotiate(sock)
     _setSocketTimeouts(sock, 0)

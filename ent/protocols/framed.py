@@ -3,15 +3,30 @@ A stream leg that carries frames, and drops the connection on a framing
 error with a log line naming the peer.
 """
 
+import socket
+
 from zope.interface import implementer
 
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, ISystemHandle
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ent.errors import FramingError
 from ent.framing import FrameDecoder
 from ent.tls import isTls
+
+
+def noDelay(transport):
+    """
+    Send each write at once: frames are packets of a TCP connection inside
+    the tunnel, and Nagle's algorithm against its delayed ACKs would add
+    tens of milliseconds to the round trip.
+    """
+    if ISystemHandle.providedBy(transport):
+        try:
+            transport.getHandle().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass  # not a TCP socket (unix, vsock): nothing to turn off
 
 
 @implementer(IHandshakeListener)
@@ -59,6 +74,7 @@ class FramedLeg(Protocol):
 
     def _becomeUp(self):
         self.up = True
+        noDelay(self.transport)
         self.legUp()
 
     def dataReceived(self, data):
