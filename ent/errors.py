@@ -5,6 +5,8 @@ Every failure ENT reports on purpose is an L{EntError}; its text is written
 for an operator, so the services print it as it is, without a traceback.
 """
 
+from twisted.internet.error import ConnectError
+
 
 class EntError(Exception):
     """
@@ -98,3 +100,30 @@ class RatsTlsClosed(RatsTlsError):
     A rats-tls connection has ended: the peer closed it, it broke, or its
     session was cleaned up.  rats-tls does not tell these apart.
     """
+
+
+class VsockAddressError(ConfigurationError, ValueError):
+    """
+    A vsock CID or port is malformed or out of range.
+
+    It is a L{ValueError} too, as Twisted's endpoint string parsers must raise.
+    """
+
+
+
+class VsockConnectError(EntError, ConnectError):
+    """
+    A vsock connection could not be made; the message names vsock:CID:PORT.
+
+    C{reason} is the L{ConnectError} of the attempt (refused, timed out, no
+    such device, ...), for callers that must tell these apart.
+    """
+
+    def __init__(self, address, reason):
+        self.address = address
+        self.reason = reason
+        detail = reason.args[0] if reason.args and reason.args[0] else reason.MESSAGE
+        ConnectError.__init__(self, reason.osError, f"cannot connect to {address}: {detail}")
+
+    def __str__(self):
+        return self.args[0]

@@ -36,3 +36,23 @@ entg = _EntServiceMaker(
     "entg", "ENT gateway: relays an agent's frames to a peer gateway",
     EntgOptions, "makeGatewayService",
 )
+
+
+# The socket relay's builder lives outside ent.app, so its maker names it
+# by its full dotted path.
+from ent.socketrelay import RelayOptions  # noqa: E402
+
+
+@implementer(IServiceMaker, IPlugin)
+class _DottedServiceMaker(_EntServiceMaker):
+    def makeService(self, options):
+        from twisted.internet import reactor
+        from twisted.python.reflect import namedAny
+
+        return namedAny(self._build)(options, reactor)
+
+
+entRelay = _DottedServiceMaker(
+    "ent-relay", "ENT socket relay: TCP <-> vsock between an enclave and its parent host",
+    RelayOptions, "ent.socketrelay.makeRelayService",
+)
