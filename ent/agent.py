@@ -10,7 +10,7 @@ from twisted.application.service import MultiService
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from ent import netfilter, routing, tun
+from ent import hostconfig, netfilter, tun
 from ent.errors import EntError
 from ent.flow import Valve
 from ent.framing import frameSequence
@@ -93,7 +93,8 @@ class AgentService(MultiService):
             fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor
         )
         self._undo.append(self._closeTun)
-        tun.configureTun(name, str(interface.ip), interface.network.prefixlen, o["mtu"])
+        hostconfig.run("tun", name=name, address=str(interface.ip),
+                       prefixlen=interface.network.prefixlen, mtu=o["mtu"])
         if o["role"] == "capture":
             plan = netfilter.CapturePlan(name, o["dports"], str(o["peer-addr"]), o["tunnel-port"])
         else:
@@ -101,8 +102,8 @@ class AgentService(MultiService):
         self._undo.append(lambda: netfilter.remove(name))
         netfilter.install(plan)
         if o["role"] == "capture":
-            self._undo.append(lambda: routing.removePolicy(o["route-table"]))
-            routing.installPolicy(routing.PolicyRoute(name, o["dports"], o["route-table"]))
+            self._undo.append(lambda: hostconfig.run("policy-down", table=o["route-table"]))
+            hostconfig.run("policy-up", name=name, ports=list(o["dports"]), table=o["route-table"])
         self.log.info(
             "TUN {tun} up as {address}, mtu {mtu}; {role} "
             "{ports} via tunnel port {tunnelPort} to {peer}",

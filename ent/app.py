@@ -6,10 +6,8 @@ from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from ent.agent import AgentService
 from ent.endpoints import clientEndpoint, serverEndpoint
 from ent.errors import EntError
-from ent.gateway import GatewayService
 from ent.legs import secureClient, secureServer
 
 
@@ -51,6 +49,8 @@ def _built(name, build):
 
 
 def makeAgentService(options, reactor):
+    from ent.agent import AgentService
+
     def build():
         endpoint = secureClient(
             reactor, clientEndpoint(reactor, options["entg-connect"]), options["entg-security"],
@@ -62,6 +62,8 @@ def makeAgentService(options, reactor):
 
 
 def makeGatewayService(options, reactor):
+    from ent.gateway import GatewayService
+
     def build():
         peerConnect = peerListen = None
         peerSecurity = options["entg-security"]

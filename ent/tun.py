@@ -1,6 +1,7 @@
 """
-The TUN device: created with IFF_TUN | IFF_NO_PI, configured with pyroute2,
-and read by the reactor as a L{FileDescriptor}.
+The TUN device: created with IFF_TUN | IFF_NO_PI, configured with pyroute2
+(in L{ent.hostconfig}'s child process), and read by the reactor as a
+L{FileDescriptor}.
 
 The rest of ENT sees a narrow interface: batches of packets come out through
 a callback, batches go in through L{TunTransport.writePackets}, and the
@@ -10,10 +11,9 @@ reader is an L{IPushProducer} so that a full outgoing leg pauses it.
 import errno
 import fcntl
 import os
+import socket
 import struct
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 
@@ -29,8 +29,11 @@ DEFAULT_BATCH = 64
 
 
 def interfaceExists(name):
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def openTun(name):
@@ -82,10 +85,16 @@ def configureTun(name, address, prefixlen, mtu):
     """
     Give the TUN its address and MTU and bring it up.
     """
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     _disableIpv6(name)
     try:
         with IPRoute() as ipr:
-            (index,) = ipr.link_lookup(ifname=name)
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                raise TunError(f"cannot configure {name}: no such interface")
+            (index,) = found
             ipr.link("set", index=index, mtu=mtu)
             ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")

@@ -10,7 +10,7 @@ import subprocess
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from ent import tun
+from ent import hostconfig, tun
 from ent.errors import TunError
 from tests.netns import enterNewNamespace
 
@@ -117,3 +117,32 @@ class TunTransportTests(unittest.TestCase):
         self.assertEqual(replies[0][12:16], socket.inet_aton("192.168.0.1"))
         self.assertEqual(replies[0][16:20], socket.inet_aton("192.168.0.254"))
         self.assertTrue(replies[0].endswith(b"ent-tun-test"))
+
+
+class HostConfigTests(unittest.TestCase):
+    """
+    The pyroute2 steps run in a child process (in this test's namespace)
+    and report ENT's errors as they were raised.
+    """
+
+    def setUp(self):
+        enterNewNamespace(self)
+
+    def test_configuresInTheChild(self):
+        fd = tun.openTun("enttun1")
+        self.addCleanup(__import__("os").close, fd)
+        hostconfig.run("tun", name="enttun1", address="192.168.7.1", prefixlen=24, mtu=9000)
+        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "enttun1"],
+                             capture_output=True, text=True).stdout
+        self.assertIn("192.168.7.1/24", out)
+        hostconfig.run("policy-up", name="enttun1", ports=[7, 8], table=7000)
+        rules = subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout
+        self.assertEqual(rules.count("lookup 7000"), 2)
+        hostconfig.run("policy-down", table=7000)
+        rules = subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout
+        self.assertNotIn("lookup 7000", rules)
+
+    def test_errorComesBackTyped(self):
+        e = self.assertRaises(TunError, hostconfig.run, "tun", name="nosuch0",
+                              address="192.168.7.1", prefixlen=24, mtu=1500)
+        self.assertEqual(str(e), "cannot configure nosuch0: no such interface")
