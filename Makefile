@@ -1,4 +1,4 @@
-.PHONY: setup demo test
+.PHONY: setup demo test bench
 
 setup:
 	bash scripts/setup.sh
@@ -8,3 +8,7 @@ demo:
 
 test:
 	bash scripts/test.sh
+
+# Not part of CI: iperf3 and ping through ENT, OpenVPN and the kernel path.
+bench:
+	bash scripts/bench.sh
