@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything ENT needs on a fresh Debian machine, as root: system packages,
 # a virtual environment in .venv, and ENT installed into it (editable).
+# Arguments name further Debian packages to install (the benchmark's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iproute2 iputils-ping procps gcc libssl-dev python3 python3-venv python3-dev make iperf3 socat)
+packages=(nftables iproute2 iputils-ping procps gcc libssl-dev python3 python3-venv python3-dev make iperf3 socat "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

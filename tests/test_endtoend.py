@@ -3,13 +3,12 @@ The whole tunnel for real: four network namespaces, ENT's services as
 twistd processes, an unmodified echo server and client.
 """
 
-import re
-import signal
 import sys
 
 from twisted.trial import unittest
 
 from ent.topology import Topology, Tunnel, twistdCommand
+from tests.checks import assertEchoAndTransfer, assertStopsCleanly
 from tests.netns import requireRoot
 
 
@@ -33,12 +32,7 @@ class TunnelTests(unittest.TestCase):
                       "the server should see the client's tunnel address")
 
     def test_20MBTransferSameSha256(self):
-        result = self.tunnel.echoClient(20_000_000, timeout=120)
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr + self.tunnel.logs())
-        sent = re.search(r"sha256 sent ([0-9a-f]{64})", result.stdout).group(1)
-        back = re.search(r"sha256 back ([0-9a-f]{64})", result.stdout).group(1)
-        self.assertEqual(sent, back)
-        self.assertIn("received 20000000 bytes", result.stdout)
+        assertEchoAndTransfer(self, self.tunnel)
 
     def test_pingFarTunnelAddress(self):
         for host, far in (("client", "192.168.0.254"), ("server", "192.168.0.1")):
@@ -68,11 +62,7 @@ class StopTests(unittest.TestCase):
             before = tunnel.leftovers()
             self.assertIn("client", before)
             self.assertIn("server", before)
-            stopped = tunnel.stopServices()
-            for host, (code, seconds) in stopped.items():
-                self.assertIn(code, (0, -signal.SIGTERM), f"{host} exited with {code}\n{tunnel.logs()}")
-                self.assertLess(seconds, 2.0, f"{host} took {seconds:.2f}s to stop")
-            self.assertEqual(tunnel.leftovers(), {})
+            assertStopsCleanly(self, tunnel)
             self.assertIn("nftables table ip ent_tun0 removed", tunnel.logs())
 
 

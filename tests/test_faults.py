@@ -3,7 +3,6 @@ Faults injected for real into a running tunnel: killed and restarted
 processes, a cut gateway connection, many connections at once.
 """
 
-import re
 import signal
 import subprocess
 import sys
@@ -12,12 +11,8 @@ import time
 from twisted.trial import unittest
 
 from ent.topology import Tunnel
+from tests.checks import sha256s
 from tests.netns import requireRoot
-
-
-def sha256s(output):
-    return (re.search(r"sha256 sent (\w+)", output).group(1),
-            re.search(r"sha256 back (\w+)", output).group(1))
 
 
 class FaultTests(unittest.TestCase):
@@ -65,10 +60,12 @@ class FaultTests(unittest.TestCase):
         self.assertEqual(log.count("connected to gateway 10.1.0.2:6980"), 2)
         self.assertIn("lost gateway 10.1.0.2:6980", log)
 
-    def transferThrough(self, cut, size=50_000_000):
+    def transferThrough(self, cut, size=200_000_000):
         """
         Start a transfer, C{cut} the gateway link while it runs, and check
-        that it completes with the same sha256.
+        that it completes with the same sha256. (200 MB rather than the 50 MB
+        of the issue: at several Gbit/s 50 MB is through in a fraction of a
+        second, too short a window to cut reliably.)
         """
         client = subprocess.Popen(
             ["ip", "netns", "exec", self.t.ns("client"), *self.tunnel.echoCommand(size, timeout=240)],
@@ -77,9 +74,8 @@ class FaultTests(unittest.TestCase):
         self.addCleanup(lambda: client.poll() is None and client.kill())
         echoLog = f"{self.tunnel.logdir}/echo.log"
         self.t.waitFor(lambda: open(echoLog).read().count("connection from") >= 1, timeout=20)
-        time.sleep(0.3)
-        self.assertIsNone(client.poll(), "the transfer ended before the cut")
         cut()
+        self.assertNotIn("closed after", open(echoLog).read(), "the transfer ended before the cut")
         output, _ = client.communicate(timeout=300)
         self.assertEqual(client.returncode, 0, output + self.tunnel.logs())
         sent, back = sha256s(output)
@@ -103,8 +99,9 @@ class FaultTests(unittest.TestCase):
             self.assertIn("10.2.0.2:6979", killed.stdout)
 
         self.transferThrough(cut)
-        log = open(f"{self.tunnel.logdir}/gw1-entg.log").read()
-        self.assertEqual(log.count("relaying between agent and peer gateway"), 2, log)
+        gw1 = f"{self.tunnel.logdir}/gw1-entg.log"
+        self.t.waitFor(lambda: open(gw1).read().count("relaying between agent and peer gateway") == 2)
+        self.assertIn("peer 10.2.0.2:6979 disconnected", open(gw1).read())
 
     def test_badFramesDropTheConnectionNotTheGateway(self):
         script = (

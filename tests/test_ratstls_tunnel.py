@@ -4,13 +4,12 @@ TLS session with null evidence), as real twistd processes in namespaces.
 """
 
 import os
-import re
 import shutil
-import signal
 
 from twisted.trial import unittest
 
 from ent.topology import Topology, Tunnel, twistdCommand
+from tests.checks import assertEchoAndTransfer, assertStopsCleanly
 from tests.netns import requireRoot
 from tests.ratstlsmock import build_mock
 
@@ -36,12 +35,7 @@ class RatsTlsTunnelTests(unittest.TestCase):
 
     def test_everyLegOnRatsTls(self):
         with Tunnel(hostArgs=self.hostArgs()) as tunnel:
-            echo = tunnel.echoClient(1000)
-            self.assertEqual(echo.returncode, 0, echo.stdout + echo.stderr + tunnel.logs())
-            big = tunnel.echoClient(20_000_000, timeout=120)
-            self.assertEqual(big.returncode, 0, big.stdout + big.stderr + tunnel.logs())
-            sent = re.search(r"sha256 sent (\w+)", big.stdout).group(1)
-            self.assertEqual(re.search(r"sha256 back (\w+)", big.stdout).group(1), sent)
+            assertEchoAndTransfer(self, tunnel)
             # Each leg negotiated rats-tls: plain TCP would not even connect.
             ss = tunnel.topology.exec("gw1", "ss", "-tn").stdout
             self.assertIn("10.1.0.2:6980", ss)
@@ -49,11 +43,7 @@ class RatsTlsTunnelTests(unittest.TestCase):
     def test_stopWithLiveSessionsIsQuickAndClean(self):
         with Tunnel(hostArgs=self.hostArgs()) as tunnel:
             self.assertEqual(tunnel.echoClient(100).returncode, 0, tunnel.logs())
-            stopped = tunnel.stopServices()
-            for host, (code, seconds) in stopped.items():
-                self.assertIn(code, (0, -signal.SIGTERM), f"{host}: exit {code}\n{tunnel.logs()}")
-                self.assertLess(seconds, 2.0, f"{host} took {seconds:.2f}s to stop\n{tunnel.logs()}")
-            self.assertEqual(tunnel.leftovers(), {})
+            assertStopsCleanly(self, tunnel)
             self.assertNotIn("Traceback", tunnel.logs(400))
 
 

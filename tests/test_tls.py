@@ -4,7 +4,6 @@ peers refused for a wrong certificate or a wrong name.
 """
 
 import os
-import re
 import tempfile
 import time
 
@@ -12,6 +11,7 @@ from twisted.trial import unittest
 
 from ent import certs
 from ent.topology import ADDRESS, Tunnel
+from tests.checks import assertEchoAndTransfer
 from tests.netns import requireRoot
 
 
@@ -49,12 +49,7 @@ class TlsTunnelTests(unittest.TestCase):
 
     def test_everyLegOnTls(self):
         with Tunnel(hostArgs=self.hostArgs()) as tunnel:
-            echo = tunnel.echoClient(1000)
-            self.assertEqual(echo.returncode, 0, echo.stdout + echo.stderr + tunnel.logs())
-            big = tunnel.echoClient(20_000_000, timeout=120)
-            self.assertEqual(big.returncode, 0, big.stdout + big.stderr + tunnel.logs())
-            sent = re.search(r"sha256 sent (\w+)", big.stdout).group(1)
-            self.assertEqual(re.search(r"sha256 back (\w+)", big.stdout).group(1), sent)
+            assertEchoAndTransfer(self, tunnel)
             # The legs really are TLS: a plain-TCP agent is not let in.
             logs = tunnel.logs(200)
             self.assertNotIn("handshake", logs)
