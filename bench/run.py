@@ -49,26 +49,40 @@ TUN_CLIENT, TUN_SERVER = "192.168.0.1", "192.168.0.254"
 RSS_LIMIT = 60_000_000  # bytes: the goal "under 60 MB" (MB = 10^6 bytes)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Processes in the namespaces that are measuring, not tunnelling.
-NOT_TUNNEL = {"iperf3", "ping", "ip", "sysctl", "ss"}
+NOT_TUNNEL = {"iperf3", "ping", "ip", "sysctl", "ss", "python", "python3"}
 OPENVPN_COMMON = ["--dev", "tun", "--cipher", "none", "--auth", "none", "--disable-dco", "--verb", "3"]
 
 
 class Config:
-    def __init__(self, key, label, kind, mtu, options=()):
+    def __init__(self, key, label, kind, mtu, options=(), gatewayOptions=(), scrape=False):
         self.key, self.label, self.kind, self.mtu, self.options = key, label, kind, mtu, list(options)
+        self.gatewayOptions = list(gatewayOptions)
+        # Scrape every ENT process's --metrics once a second while measuring.
+        self.scrape = scrape
+
+
+METRICS = ["--metrics", "tcp:9100:interface=127.0.0.1"]
+SCRAPER = (
+    "import time, urllib.request\n"
+    "while True:\n"
+    "    urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=5).read()\n"
+    "    time.sleep(1)\n"
+)
 
 
 CONFIGS = [
     Config("kernel", "kernel routing", "kernel", 1500),
     Config("ent", "ENT default", "ent", 65535),
     Config("ent1500", "ENT --mtu 1500", "ent", 1500, ["--mtu", "1500"]),
+    Config("entmetrics", "ENT default, --metrics scraped 1/s", "ent", 65535, METRICS, METRICS, scrape=True),
     Config("openvpn", "OpenVPN default", "openvpn", 1500),
     Config("openvpn60000", "OpenVPN --tun-mtu 60000", "openvpn", 60000, ["--tun-mtu", "60000"]),
 ]
 BY_KEY = {c.key: c for c in CONFIGS}
 # Which OpenVPN configuration each row is compared with. OpenVPN's default
 # TUN MTU is 1500, so "OpenVPN default" is also "OpenVPN at MTU 1500".
-OPENVPN_BASELINE = {"ent": "openvpn", "ent1500": "openvpn", "openvpn": "openvpn", "openvpn60000": "openvpn"}
+OPENVPN_BASELINE = {"ent": "openvpn", "ent1500": "openvpn", "entmetrics": "openvpn", "openvpn": "openvpn",
+                    "openvpn60000": "openvpn"}
 
 
 def say(text=""):
@@ -181,11 +195,15 @@ def path(config, prefix, namespaces, logdir):
     Build C{config}'s path; yield (topology, iperf3 target, ping target).
     """
     if config.kind == "ent":
-        tunnel = BenchTunnel(PORT, prefix, agentArgs=config.options, logdir=logdir)
+        tunnel = BenchTunnel(PORT, prefix, agentArgs=config.options, gatewayArgs=config.gatewayOptions,
+                             logdir=logdir)
         try:
             tunnel.topology.__enter__()
             namespaces.record(tunnel.topology)
             tunnel.startAll()
+            if config.scrape:
+                for host in HOSTS:
+                    tunnel.topology.start(host, sys.executable, "-c", SCRAPER, name=f"{host}-scraper")
             yield tunnel.topology, ADDRESS["server"], TUN_SERVER
             # An orderly stop, as a user would; whatever is left is killed below.
             tunnel.stopServices()

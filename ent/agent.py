@@ -11,12 +11,13 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from ent import hostconfig, netfilter, tun
+from ent.endpoints import CountingEndpoint
 from ent.errors import EntError
 from ent.flow import Valve
 from ent.framing import frameSequence
 from ent.packets import wellFormed
 from ent.protocols.framed import FramedLeg
-from ent.stats import DropReporter
+from ent.stats import ServiceStats
 
 
 class GatewayLink(FramedLeg):
@@ -27,13 +28,13 @@ class GatewayLink(FramedLeg):
     leg = "gateway"
 
     def __init__(self, agent):
-        FramedLeg.__init__(self, agent.drops, agent.reactor)
+        FramedLeg.__init__(self, agent.stats, agent.reactor)
         self.agent = agent
 
     def legUp(self):
         self.agent.linkUp(self)
 
-    def framedDataReceived(self, packets):
+    def framedDataReceived(self, packets, count):
         self.agent.packetsFromLink(packets)
 
     def legDown(self, reason):
@@ -55,23 +56,25 @@ class AgentService(MultiService):
     The agent: host configuration plus a reconnecting link to the gateway.
 
     C{options} is a parsed L{ent.options.EntaOptions}; C{endpoint} is the
-    gateway's client endpoint; C{reactor} provides the reactor and clock.
+    gateway's client endpoint; C{reactor} provides the reactor and clock;
+    C{stats} is where it counts (its own if not given).
     """
 
     log = Logger()
 
-    def __init__(self, options, endpoint, reactor):
+    def __init__(self, options, endpoint, reactor, stats=None):
         MultiService.__init__(self)
         self.options = options
         self.reactor = reactor
-        self.drops = DropReporter(reactor, "enta")
+        self.stats = stats if stats is not None else ServiceStats("enta", reactor)
+        self.drops = self.stats.drops
+        self.linkStats = self.stats.leg("gateway")
         self.tun = None
         self.link = None
-        self.packetsOut = 0
-        self.packetsIn = 0
+        self._writeErrors = set()
         self._undo = []
         self.client = ClientService(
-            endpoint,
+            CountingEndpoint(endpoint, self.linkStats),
             GatewayLinkFactory(self),
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
             clock=reactor,
@@ -92,6 +95,7 @@ class AgentService(MultiService):
         self.tun = tun.TunTransport(
             fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor
         )
+        self.stats.tun = self.tun.stats
         self._undo.append(self._closeTun)
         hostconfig.run("tun", name=name, address=str(interface.ip),
                        prefixlen=interface.network.prefixlen, mtu=o["mtu"])
@@ -135,18 +139,18 @@ class AgentService(MultiService):
         except BaseException:
             self.unconfigureHost()
             raise
-        self.drops.start()
+        self.stats.start()
         MultiService.startService(self)
 
     def stopService(self):
         d = MultiService.stopService(self)
 
         def cleanUp(result):
-            self.drops.stop()
+            self.stats.stop()
             self.unconfigureHost()
             self.log.info(
                 "agent stopped: {packetsOut} packets sent, {packetsIn} received",
-                packetsOut=self.packetsOut, packetsIn=self.packetsIn,
+                packetsOut=self.linkStats.packetsSent, packetsIn=self.linkStats.packetsReceived,
             )
             return result
 
@@ -156,7 +160,7 @@ class AgentService(MultiService):
 
     def linkUp(self, link):
         self.link = link
-        self.log.info("connected to gateway {peer}", peer=link.peerName())
+        self.log.info("connected to gateway {peer}", leg=link.leg, peer=link.peerName())
         if self.tun is not None:
             link.transport.registerProducer(Valve(self.tun), True)
             self.tun.resumeProducing()
@@ -169,25 +173,36 @@ class AgentService(MultiService):
             self.tun.pauseProducing()
         self.log.warn(
             "lost gateway {peer}: {reason}{next}",
-            peer=link.peerName(), reason=reason.getErrorMessage(),
+            leg=link.leg, peer=link.peerName(), reason=reason.getErrorMessage(),
             next="; reconnecting" if self.running else "",
         )
 
     def packetsFromTun(self, packets):
         link = self.link
         if link is None:
-            self.drops.count("no gateway connected", len(packets))
+            self.drops.count("no_gateway", len(packets), leg="tun")
             return
-        self.packetsOut += len(packets)
-        link.transport.writeSequence(frameSequence(packets))
+        frames = frameSequence(packets)
+        stats = self.linkStats
+        stats.packetsSent += len(packets)
+        stats.bytesSent += sum(map(len, frames))
+        link.transport.writeSequence(frames)
 
     def packetsFromLink(self, packets):
         if self.tun is None:
-            self.drops.count("TUN closed", len(packets))
+            self.drops.count("tun_closed", len(packets), leg="gateway")
             return
-        packets = wellFormed(packets, self.drops)
-        self.packetsIn += len(packets)
-        self.tun.writePackets(packets)
+        self.tun.writePackets(wellFormed(packets, self.drops, leg="gateway"))
 
     def _tunWriteFailed(self, error):
-        self.drops.count(f"TUN write failed: {error.strerror}")
+        """
+        Count every refused packet; log each kind of refusal once, the
+        aggregated drop lines say how many followed.
+        """
+        self.drops.count("tun_write_failed", leg="gateway")
+        if error.errno not in self._writeErrors:
+            self._writeErrors.add(error.errno)
+            self.log.error(
+                "TUN {tun} refused a packet: {reason} (further ones are counted)",
+                tun=self.options["tun-name"], leg="tun", reason=error.strerror,
+            )

@@ -10,6 +10,7 @@ import re
 
 from zope.interface import implementer
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ServerEndpoint,
@@ -50,6 +51,30 @@ class DescribedEndpoint:
 
         return self.endpoint.connect(factory).addErrback(failed)
 
+
+@implementer(IStreamClientEndpoint)
+class CountingEndpoint:
+    """
+    A client endpoint that counts its failed connection attempts (failed
+    rats-tls handshakes included) in a leg's stats.
+    """
+
+    def __init__(self, endpoint, legStats):
+        self.endpoint = endpoint
+        self.legStats = legStats
+
+    def connect(self, factory):
+        def failed(reason):
+            if not reason.check(CancelledError):  # a stop, not a failure
+                self.legStats.connectFailures += 1
+            return reason
+
+        return self.endpoint.connect(factory).addErrback(failed)
+
+    def __repr__(self):
+        return repr(self.endpoint)
+
+
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d+)$")
 _INTERFACE_PORT = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[0-9.]+)):)?(?P<port>\d+)$")
 
@@ -83,6 +108,34 @@ def hostOf(text):
 
 def isPlainListen(text):
     return _INTERFACE_PORT.match(text) is not None
+
+
+def checkPlainListen(text, what):
+    """
+    Check C{PORT} or C{ADDR:PORT}.
+    """
+    if not isPlainListen(text):
+        raise ConfigurationError(f"{what} {text!r} is not [ADDR:]PORT")
+    host, _, port = text.rpartition(":")
+    parsePort(port, what)
+    if host:
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ConfigurationError(f"{what} {text!r}: {host!r} is not an IP address")
+    return text
+
+
+def checkServerDescription(text, what):
+    """
+    Check C{PORT}, C{ADDR:PORT} or a server endpoint string.
+    """
+    if isPlainListen(text):
+        return checkPlainListen(text, what)
+    if ":" not in text:
+        raise ConfigurationError(f"{what} {text!r} is neither [ADDR:]PORT nor an endpoint string")
+    # An endpoint string: its parser checks it when it is built.
+    return text
 
 
 def checkClientDescription(text):

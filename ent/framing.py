@@ -46,6 +46,8 @@ class FrameDecoder:
     def __init__(self, maxLength=MAX_PACKET):
         self.maxLength = maxLength
         self._buffer = bytearray()
+        # Whole frames returned so far, for the leg's counters.
+        self.completed = 0
 
     @property
     def pending(self):
@@ -60,6 +62,7 @@ class FrameDecoder:
         checking every length prefix on the way.
         """
         offset = 0
+        count = 0
         end = len(buffer)
         unpack = HEADER.unpack_from
         maxLength = self.maxLength
@@ -74,6 +77,8 @@ class FrameDecoder:
             if end - offset - HEADER_SIZE < length:
                 break
             offset += HEADER_SIZE + length
+            count += 1
+        self.completed += count
         return offset
 
     def packets(self, data):

@@ -11,9 +11,10 @@ from twisted.application.internet import ClientService, StreamServerEndpointServ
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from ent.endpoints import CountingEndpoint
 from ent.flow import Valve
 from ent.protocols.relay import RelayLegFactory
-from ent.stats import DropReporter
+from ent.stats import ServiceStats
 
 OTHER = {"agent": "peer", "peer": "agent"}
 
@@ -25,27 +26,27 @@ class RelayHub:
 
     log = Logger()
 
-    def __init__(self, drops, clock):
-        self.drops = drops
+    def __init__(self, stats, clock):
+        self.stats = stats
+        self.drops = stats.drops
         self.clock = clock
         self.legs = {"agent": None, "peer": None}
-        self.bytesRelayed = {"agent": 0, "peer": 0}
 
     def attach(self, leg):
         old = self.legs[leg.side]
         self.legs[leg.side] = leg
         if old is not None:
             self.log.warn(
-                "{side} {peer} replaces {old}", side=leg.side,
+                "{leg} {peer} replaces {old}", leg=leg.side,
                 peer=leg.peerName(), old=old.peerName(),
             )
             old.transport.loseConnection()
         else:
-            self.log.info("{side} connected from {peer}", side=leg.side, peer=leg.peerName())
+            self.log.info("{leg} connected from {peer}", leg=leg.side, peer=leg.peerName())
         other = self.legs[OTHER[leg.side]]
         if other is None:
             leg.transport.pauseProducing()
-            self.log.info("{side} waits for the {other} side", side=leg.side, other=OTHER[leg.side])
+            self.log.info("{leg} waits for the {other} side", leg=leg.side, other=OTHER[leg.side])
         else:
             self._join(leg, other)
 
@@ -74,7 +75,7 @@ class RelayHub:
             return
         self.legs[leg.side] = None
         self.log.warn(
-            "{side} {peer} disconnected: {reason}", side=leg.side,
+            "{leg} {peer} disconnected: {reason}", leg=leg.side,
             peer=leg.peerName(), reason=reason.getErrorMessage(),
         )
         other = self.legs[OTHER[leg.side]]
@@ -82,12 +83,14 @@ class RelayHub:
             self._feed(other, None)
             other.transport.pauseProducing()
 
-    def forward(self, leg, frames):
+    def forward(self, leg, frames, count):
         target = self.legs[OTHER[leg.side]]
         if target is None:
-            self.drops.count(f"{OTHER[leg.side]} side not connected (bytes)", len(frames))
+            self.drops.count("other_side_not_connected", count, leg=leg.side)
             return
-        self.bytesRelayed[leg.side] += len(frames)
+        stats = target.legStats
+        stats.packetsSent += count
+        stats.bytesSent += len(frames)
         target.transport.write(frames)
 
 
@@ -96,14 +99,17 @@ class GatewayService(MultiService):
     Accepts the agent, and connects to or accepts the peer gateway.
     """
 
-    def __init__(self, agentEndpoint, reactor, peerConnect=None, peerListen=None):
+    def __init__(self, agentEndpoint, reactor, peerConnect=None, peerListen=None, stats=None):
         MultiService.__init__(self)
-        self.drops = DropReporter(reactor, "entg")
-        self.hub = RelayHub(self.drops, reactor)
+        self.stats = stats if stats is not None else ServiceStats("entg", reactor)
+        self.stats.leg("agent")
+        self.stats.leg("peer")
+        self.drops = self.stats.drops
+        self.hub = RelayHub(self.stats, reactor)
         self._listen(agentEndpoint, "agent")
         if peerConnect is not None:
             ClientService(
-                peerConnect,
+                CountingEndpoint(peerConnect, self.stats.leg("peer")),
                 RelayLegFactory(self.hub, "peer"),
                 retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
                 clock=reactor,
@@ -119,7 +125,7 @@ class GatewayService(MultiService):
         service.setServiceParent(self)
 
     def startService(self):
-        self.drops.start()
+        self.stats.start()
         MultiService.startService(self)
 
     def stopService(self):
@@ -127,4 +133,4 @@ class GatewayService(MultiService):
         for leg in self.hub.legs.values():
             if leg is not None:
                 leg.transport.loseConnection()
-        return d.addBoth(lambda r: (self.drops.stop(), r)[1])
+        return d.addBoth(lambda r: (self.stats.stop(), r)[1])

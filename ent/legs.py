@@ -63,9 +63,17 @@ def ratsTlsSettings(choice):
     return RatsTlsSettings(_libraries[path], config)
 
 
-def secureClient(reactor, endpoint, security, description):
+def _handshakeCounter(stats, leg, kind):
+    if stats is None:
+        return None
+    return lambda: stats.handshakeFailed(leg, kind)
+
+
+def secureClient(reactor, endpoint, security, description, leg="rats-tls", stats=None):
     """
-    The client endpoint of a leg, wrapped in its protection.
+    The client endpoint of leg C{leg}, wrapped in its protection; failed
+    rats-tls handshakes are counted in C{stats} (TLS ones are counted by the
+    leg's protocol, which sees them).
     """
     if security.kind == "tls":
         endpoint = tls.clientTls(endpoint, security.tlsFiles, security.peerName)
@@ -75,14 +83,17 @@ def secureClient(reactor, endpoint, security, description):
 
         host = hostOf(description)
         port = parsePort(description.rpartition(":")[2])
-        endpoint = RatsTlsClientEndpoint(reactor, host, port, ratsTlsSettings(security.ratsTls))
+        endpoint = RatsTlsClientEndpoint(
+            reactor, host, port, ratsTlsSettings(security.ratsTls), leg=leg,
+            onHandshakeFailed=_handshakeCounter(stats, leg, "rats-tls"),
+        )
         description = f"{description} (rats-tls)"
     return DescribedEndpoint(endpoint, description)
 
 
-def secureServer(reactor, endpoint, security, description):
+def secureServer(reactor, endpoint, security, description, leg="rats-tls", stats=None):
     """
-    The server endpoint of a leg, wrapped in its protection.
+    The server endpoint of leg C{leg}, wrapped in its protection.
     """
     if security.kind == "tls":
         return tls.serverTls(endpoint, security.tlsFiles)
@@ -92,5 +103,6 @@ def secureServer(reactor, endpoint, security, description):
         interface, _, port = description.rpartition(":")
         return RatsTlsServerEndpoint(
             reactor, parsePort(port), ratsTlsSettings(security.ratsTls), interface=interface,
+            leg=leg, onHandshakeFailed=_handshakeCounter(stats, leg, "rats-tls"),
         )
     return endpoint

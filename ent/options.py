@@ -1,5 +1,6 @@
 """
-Command-line options of C{twistd enta} and C{twistd entg}.
+Command-line options of C{twistd enta} and C{twistd entg}, and those that
+every ENT service shares.
 
 Every check that needs no privilege and no reactor happens here, so a bad
 option is refused with a one-line reason before anything is configured.
@@ -10,7 +11,7 @@ import ipaddress
 
 from twisted.python import usage
 
-from ent.endpoints import checkClientDescription, hostOf, isPlainListen, parsePort
+from ent.endpoints import checkClientDescription, checkServerDescription, hostOf, isPlainListen, parsePort
 from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
 from ent.legs import LegSecurity, RatsTlsChoice
@@ -48,7 +49,37 @@ def _ports(text, what):
     return [parsePort(part.strip(), what) for part in text.split(",") if part.strip()]
 
 
-class SecurityOptions(usage.Options):
+LOG_FORMATS = ("text", "json")
+
+
+class ObservabilityOptions(usage.Options):
+    """
+    How a service shows what it does: metrics and log format; shared by
+    enta, entg and ent-relay.
+    """
+
+    optParameters = [
+        ["metrics", None, None,
+         "Serve Prometheus metrics at /metrics on this PORT, ADDR:PORT or server "
+         "endpoint string (e.g. tcp:9100:interface=127.0.0.1)."],
+        ["log-format", None, "text",
+         "text, or json: one JSON object per line with the event's fields "
+         "(to where twistd writes its log)."],
+    ]
+
+    def checkObservability(self):
+        if self["metrics"] is not None:
+            checkServerDescription(self["metrics"], "--metrics")
+        if self["log-format"] not in LOG_FORMATS:
+            raise ConfigurationError(
+                f"--log-format {self['log-format']!r}: choose one of {', '.join(LOG_FORMATS)}"
+            )
+        parent = getattr(self, "parent", None)
+        if self["log-format"] == "json" and parent is not None and parent.get("syslog"):
+            raise ConfigurationError("--log-format json writes to a file or stdout, not to --syslog")
+
+
+class SecurityOptions(ObservabilityOptions):
     """
     How the legs of this process are protected; shared by enta and entg.
     """
@@ -184,6 +215,7 @@ class EntaOptions(SecurityOptions):
 
     @_usage
     def postOptions(self):
+        self.checkObservability()
         replay = self["replay"]
         if not self["dports"] and replay is None:
             raise ConfigurationError("give --dport (client host) or --replay (server host)")
@@ -285,6 +317,7 @@ class EntgOptions(SecurityOptions):
 
     @_usage
     def postOptions(self):
+        self.checkObservability()
         if self["entg-connect"] is not None and self["entg-listen"] is not None:
             raise ConfigurationError("--entg-connect and --entg-listen exclude each other")
         if self["entg-connect"] is None and self["entg-listen"] is None:
@@ -292,13 +325,8 @@ class EntgOptions(SecurityOptions):
         if self["entg-connect"] is not None:
             checkClientDescription(self["entg-connect"])
         for name in ("enta-listen", "entg-listen"):
-            value = self[name]
-            if value is None:
-                continue
-            if isPlainListen(value):
-                parsePort(value.rpartition(":")[2], f"--{name}")
-            elif ":" not in value:
-                raise ConfigurationError(f"--{name} {value!r} is neither a port nor an endpoint string")
+            if self[name] is not None:
+                checkServerDescription(self[name], f"--{name}")
         self["enta-security"] = self.legSecurity("enta", listen=self["enta-listen"])
         self["entg-security"] = self.legSecurity(
             "entg", self["entg-connect"], "entg-tls-name", listen=self["entg-listen"]

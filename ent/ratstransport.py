@@ -385,13 +385,16 @@ class RatsTlsClientEndpoint:
 
     log = Logger()
 
-    def __init__(self, reactor, host, port, settings, timeout=10.0, leg="rats-tls"):
+    def __init__(self, reactor, host, port, settings, timeout=10.0, leg="rats-tls",
+                 onHandshakeFailed=None):
         self.reactor = reactor
         self.host = host
         self.port = port
         self.settings = settings
         self.timeout = timeout
         self.leg = leg
+        # Called with no arguments after each failed handshake, to count it.
+        self.onHandshakeFailed = onHandshakeFailed
 
     def __repr__(self):
         return f"rats-tls {self.host}:{self.port}"
@@ -408,9 +411,11 @@ class RatsTlsClientEndpoint:
             yield inThread(self.reactor, name, handshake, sock, session)
         except RatsTlsError as e:
             sock.close()
+            if self.onHandshakeFailed is not None:
+                self.onHandshakeFailed()
             self.log.error(
-                "{leg} leg: rats-tls handshake with {peer} failed: {error}",
-                leg=self.leg, peer=f"{self.host}:{self.port}", error=str(e),
+                "{leg} leg: rats-tls handshake with {peer} failed: {reason}",
+                leg=self.leg, peer=f"{self.host}:{self.port}", reason=str(e),
             )
             raise error.ConnectError(f"{self.host}:{self.port}", f"rats-tls handshake failed: {e}")
         transport = RatsTlsTransport(self.reactor, sock, session, self.leg)
@@ -436,11 +441,12 @@ class _HandshakePort(tcp.Port):
 
     log = Logger()
 
-    def __init__(self, port, factory, settings, leg, interface, reactor):
+    def __init__(self, port, factory, settings, leg, interface, reactor, onHandshakeFailed=None):
         tcp.Port.__init__(self, port, _PendingFactory(), 50, interface, reactor)
         self.entFactory = factory
         self.settings = settings
         self.leg = leg
+        self.onHandshakeFailed = onHandshakeFailed
 
     def transport(self, skt, protocol, addr, port, sessionno, reactor):
         """
@@ -457,9 +463,11 @@ class _HandshakePort(tcp.Port):
             yield inThread(self.reactor, f"rats-tls accept {peer}", handshake, sock, session)
         except RatsTlsError as e:
             sock.close()
+            if self.onHandshakeFailed is not None:
+                self.onHandshakeFailed()
             self.log.error(
-                "{leg} leg: rats-tls handshake with {peer} failed, connection refused: {error}",
-                leg=self.leg, peer=peer, error=str(e),
+                "{leg} leg: rats-tls handshake with {peer} failed, connection refused: {reason}",
+                leg=self.leg, peer=peer, reason=str(e),
             )
             return
         if not self.connected:
@@ -499,17 +507,20 @@ class RatsTlsServerEndpoint:
     client before its protocol sees it.
     """
 
-    def __init__(self, reactor, port, settings, interface="", leg="rats-tls"):
+    def __init__(self, reactor, port, settings, interface="", leg="rats-tls",
+                 onHandshakeFailed=None):
         self.reactor = reactor
         self.port = port
         self.settings = settings
         self.interface = interface
         self.leg = leg
+        self.onHandshakeFailed = onHandshakeFailed
 
     def listen(self, protocolFactory):
         def start():
             port = _HandshakePort(
-                self.port, protocolFactory, self.settings, self.leg, self.interface, self.reactor
+                self.port, protocolFactory, self.settings, self.leg, self.interface, self.reactor,
+                self.onHandshakeFailed,
             )
             port.startListening()
             protocolFactory.doStart()

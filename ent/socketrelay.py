@@ -8,8 +8,6 @@ connection gets its own outgoing connection; bytes flow both ways with
 backpressure, and a half-close is passed on.
 """
 
-import ipaddress
-
 from zope.interface import implementer
 
 from twisted.application.service import MultiService
@@ -20,19 +18,20 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ent import vsock
-from ent.app import StartupGuard, _built
+from ent.app import _built, guarded
 from ent.endpoints import (
     checkClientDescription,
+    checkPlainListen,
+    checkServerDescription,
     clientEndpoint,
     isHostPort,
-    isPlainListen,
     parsePort,
     serverEndpoint,
 )
 from ent.errors import ConfigurationError, VsockAddressError
 from ent.flow import Valve
-from ent.options import _usage
-from ent.stats import DropReporter
+from ent.options import ObservabilityOptions, _usage
+from ent.stats import ServiceStats
 
 DEFAULT_MAX_CONNECTIONS = 1024
 
@@ -147,7 +146,7 @@ class IncomingEnd(RelayEnd):
         if relay.open >= relay.maxConnections:
             self.refused = True
             relay.refused += 1
-            relay.drops.count(f"connections refused: {relay.maxConnections} already open")
+            relay.drops.count("connection_limit", leg="incoming")
             self.transport.abortConnection()
             return
         RelayEnd.connectionMade(self)
@@ -294,10 +293,12 @@ class SocketRelayService(MultiService):
         MultiService.__init__(self)
         self.listenEndpoint = listenEndpoint
         self.listenDescription = listenDescription or repr(listenEndpoint)
-        self.drops = DropReporter(reactor, "ent-relay")
+        self.stats = ServiceStats("ent-relay", reactor)
+        self.drops = self.stats.drops
         self.relay = SocketRelayFactory(
             connectEndpoint, connectDescription or repr(connectEndpoint), maxConnections, self.drops,
         )
+        self.stats.relay = self.relay
         self.port = None
         self._listening = None
 
@@ -308,7 +309,7 @@ class SocketRelayService(MultiService):
     def startService(self):
         if self._listening is None:
             self._listen()
-        self.drops.start()
+        self.stats.start()
         MultiService.startService(self)
 
     def _listen(self):
@@ -337,35 +338,7 @@ class SocketRelayService(MultiService):
         elif self._listening is not None:
             self._listening.cancel()
         d.addCallback(lambda _: self.relay.closeAll())
-        return d.addBoth(lambda r: (self.drops.stop(), r)[1])
-
-
-def _plainListen(text, what):
-    """
-    Check C{PORT} or C{ADDR:PORT}.
-    """
-    if not isPlainListen(text):
-        raise ConfigurationError(f"{what} {text!r} is not [ADDR:]PORT")
-    host, _, port = text.rpartition(":")
-    parsePort(port, what)
-    if host:
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            raise ConfigurationError(f"{what} {text!r}: {host!r} is not an IP address")
-    return text
-
-
-def _listenDescription(text, what):
-    """
-    Check C{PORT}, C{ADDR:PORT} or a server endpoint string.
-    """
-    if isPlainListen(text):
-        return _plainListen(text, what)
-    if ":" not in text:
-        raise ConfigurationError(f"{what} {text!r} is neither [ADDR:]PORT nor an endpoint string")
-    # An endpoint string: its parser checks it when it is built.
-    return text
+        return d.addBoth(lambda r: (self.stats.stop(), r)[1])
 
 
 def _connectAddress(text, what):
@@ -391,7 +364,7 @@ def _vsockConnect(text):
     return f"vsock:{vsock.parseCid(cid)}:{vsock.parsePort(port)}"
 
 
-class RelayOptions(usage.Options):
+class RelayOptions(ObservabilityOptions):
     """
     Options of the socket relay.
     """
@@ -423,6 +396,7 @@ class RelayOptions(usage.Options):
 
     @_usage
     def postOptions(self):
+        self.checkObservability()
         limit = self["max-concurrent-connections"]
         try:
             self["max-concurrent-connections"] = int(limit)
@@ -437,13 +411,13 @@ class RelayOptions(usage.Options):
                 raise ConfigurationError(f"--listen and --connect exclude {', '.join(addresses)}")
             if self["listen"] is None or self["connect"] is None:
                 raise ConfigurationError("--listen and --connect go together")
-            _listenDescription(self["listen"], "--listen")
+            checkServerDescription(self["listen"], "--listen")
             checkClientDescription(self["connect"])
             return
         if self["tcp-address"] is None or self["vsock-address"] is None:
             raise ConfigurationError("give --tcp-address and --vsock-address (or --listen and --connect)")
         if self["tcp-to-vsock"]:
-            self["listen"] = _plainListen(self["tcp-address"], "--tcp-address")
+            self["listen"] = checkPlainListen(self["tcp-address"], "--tcp-address")
             self["connect"] = self._vsock(self._mockConnect, _vsockConnect)
         else:
             self["listen"] = self._vsock(self._mockListen, _vsockListen)
@@ -462,7 +436,7 @@ class RelayOptions(usage.Options):
     def _mockListen(text):
         if ":" not in text:
             text = f"127.0.0.1:{text}"
-        return _plainListen(text, "--vsock-address (mock)")
+        return checkPlainListen(text, "--vsock-address (mock)")
 
     @staticmethod
     def _mockConnect(text):
@@ -471,9 +445,9 @@ class RelayOptions(usage.Options):
 
 def makeRelayService(options, reactor):
     def build():
-        return StartupGuard("ent-relay", SocketRelayService(
+        return guarded("ent-relay", SocketRelayService(
             serverEndpoint(reactor, options["listen"]), clientEndpoint(reactor, options["connect"]), reactor,
             options["max-concurrent-connections"], options["listen"], options["connect"],
-        ))
+        ), options, reactor)
 
     return _built("ent-relay", build)

@@ -18,6 +18,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 
 from ent.errors import PrivilegeError, TunError
+from ent.stats import TunStats
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -105,16 +106,38 @@ def configureTun(name, address, prefixlen, mtu):
                        f"mtu {mtu}): {e}")
 
 
+def kernelDrops(name, path="/proc/net/dev"):
+    """
+    Packets the kernel dropped on their way to our reader (its queue was
+    full while the reader was paused), or C{None} if C{name} is not found.
+
+    /proc/net/dev is read in the reading process's own network namespace.
+    """
+    try:
+        with open(path) as f:
+            for line in f:
+                interface, colon, counters = line.partition(":")
+                if colon and interface.strip() == name:
+                    return int(counters.split()[11])  # transmit "drop"
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class TunTransport(FileDescriptor):
     """
     The TUN fd in the reactor: drains up to C{batch} packets per wakeup and
-    hands them to C{deliver} as one list.
+    hands them to C{deliver} as one list; counts into C{stats} once per
+    batch, never per packet.
     """
 
     log = Logger()
 
-    def __init__(self, fd, name, mtu, deliver, onWriteError, reactor, batch=DEFAULT_BATCH):
+    def __init__(self, fd, name, mtu, deliver, onWriteError, reactor, batch=DEFAULT_BATCH,
+                 stats=None):
         FileDescriptor.__init__(self, reactor)
+        self.stats = stats if stats is not None else TunStats(batch)
+        self.stats.name = name
         self._fd = fd
         self.name = name
         self._readSize = mtu
@@ -147,9 +170,23 @@ class TunTransport(FileDescriptor):
         except OSError as e:
             self.log.error("TUN {tun} read failed: {error}", tun=self.name, error=e)
             return e
+        stats = self.stats
+        stats.batches[len(packets)] += 1
         if packets:
+            stats.packetsRead += len(packets)
+            stats.bytesRead += sum(map(len, packets))
             self._deliver(packets)
         return None
+
+    def pauseProducing(self):
+        if not self.stats.paused:
+            self.stats.paused = True
+            self.stats.pauses += 1
+        FileDescriptor.pauseProducing(self)
+
+    def resumeProducing(self):
+        self.stats.paused = False
+        FileDescriptor.resumeProducing(self)
 
     def writePackets(self, packets):
         """
@@ -160,12 +197,16 @@ class TunTransport(FileDescriptor):
         write = os.write
         fd = self._fd
         refused = 0
+        refusedBytes = 0
         for packet in packets:
             try:
                 write(fd, packet)
             except OSError as e:
                 refused += 1
+                refusedBytes += len(packet)
                 self._onWriteError(e)
+        self.stats.packetsWritten += len(packets) - refused
+        self.stats.bytesWritten += sum(map(len, packets)) - refusedBytes
         return refused
 
     def connectionLost(self, reason):

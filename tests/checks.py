@@ -4,6 +4,9 @@ Checks that several end-to-end tests make of a running tunnel.
 
 import re
 import signal
+import sys
+
+from ent.status import Scrape
 
 
 def sha256s(output):
@@ -37,3 +40,29 @@ def assertStopsCleanly(testCase, tunnel):
         testCase.assertIn(code, (0, -signal.SIGTERM), f"{host}: exit {code}\n{tunnel.logs()}")
         testCase.assertLess(seconds, 2.0, f"{host} took {seconds:.2f}s to stop\n{tunnel.logs()}")
     testCase.assertEqual(tunnel.leftovers(), {})
+
+
+METRICS_PORT = 9100
+METRICS = ["--metrics", f"tcp:{METRICS_PORT}:interface=127.0.0.1"]
+
+_FETCH = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+
+
+def scrapeIn(topology, host, port=METRICS_PORT):
+    """
+    Scrape the metrics endpoint that C{host}'s service serves on its own
+    loopback, from inside its namespace.
+    """
+    result = topology.exec(host, sys.executable, "-c", _FETCH, f"http://127.0.0.1:{port}/metrics", timeout=30)
+    if result.returncode != 0:
+        raise AssertionError(f"cannot scrape {host}: {result.stderr}")
+    return Scrape(result.stdout)
+
+
+def statusIn(topology, host, port=METRICS_PORT):
+    """
+    Run C{python -m ent status} in C{host}'s namespace: (exit code, output).
+    """
+    result = topology.exec(host, sys.executable, "-m", "ent", "status", "--metrics", f"127.0.0.1:{port}",
+                           timeout=30)
+    return result.returncode, result.stdout + result.stderr

@@ -58,7 +58,7 @@ class AgentDataPathTests(unittest.TestCase):
 
     def test_noGatewayCountsDrops(self):
         self.agent.packetsFromTun([b"\x45" * 20, b"\x45" * 20])
-        self.assertEqual(self.agent.drops.total["no gateway connected"], 2)
+        self.assertEqual(self.agent.drops.total[("tun", "no_gateway")], 2)
 
     def test_linkUpResumesTunAsProducerOfTheLink(self):
         link = self.connect()
@@ -72,7 +72,7 @@ class AgentDataPathTests(unittest.TestCase):
         packets = [b"\x45" * 20, b"\x60" * 40]
         self.agent.packetsFromTun(packets)
         self.assertEqual(link.transport.value(), b"".join(frameSequence(packets)))
-        self.assertEqual(self.agent.packetsOut, 2)
+        self.assertEqual(self.agent.linkStats.packetsSent, 2)
 
     def test_framesFromGatewayWrittenToTun(self):
         link = self.connect()
@@ -81,7 +81,7 @@ class AgentDataPathTests(unittest.TestCase):
         link.dataReceived(stream[:33])
         link.dataReceived(stream[33:])
         self.assertEqual(self.tun.written, packets)
-        self.assertEqual(self.agent.drops.total["truncated IPv4 header"], 1)
+        self.assertEqual(self.agent.drops.total[("gateway", "truncated_ipv4_header")], 1)
 
     def test_linkLostPausesTunAndKeepsIt(self):
         link = self.connect()
@@ -100,7 +100,7 @@ class AgentDataPathTests(unittest.TestCase):
         link.dataReceived(b"\xff\xff\xff\xff")
         self.assertTrue(link.transport.disconnected)
         self.assertEqual(self.tun.written, [])
-        self.assertEqual(self.agent.drops.total["framing error on gateway leg (FrameTooLarge)"], 1)
+        self.assertEqual(self.agent.drops.total[("gateway", "oversize_frame")], 1)
 
 
 class GatewayServiceTests(unittest.TestCase):

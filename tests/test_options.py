@@ -99,7 +99,7 @@ class EntgOptionsTests(unittest.TestCase):
         e = self.assertRaises(usage.UsageError, entg, "--enta-listen", "0")
         self.assertIn("out of range", str(e))
         e = self.assertRaises(usage.UsageError, entg, "--entg-listen", "ten")
-        self.assertIn("neither a port", str(e))
+        self.assertIn("neither [ADDR:]PORT", str(e))
 
 
 class SecurityOptionsTests(unittest.TestCase):

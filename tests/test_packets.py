@@ -35,21 +35,21 @@ class PacketCheckTests(unittest.TestCase):
         self.assertIsNone(packetProblem(ipv6(b"z" * 10)))
 
     def test_problems(self):
-        self.assertEqual(packetProblem(b"\x20" + b"\x00" * 30), "not an IPv4 or IPv6 packet")
-        self.assertEqual(packetProblem(b"\x45\x00\x00"), "truncated IPv4 header")
-        self.assertEqual(packetProblem(ipv4(b"x" * 10)[:-1]), "IPv4 total length disagrees with the frame")
-        self.assertEqual(packetProblem(ipv4(b"x" * 10) + b"!"), "IPv4 total length disagrees with the frame")
-        self.assertEqual(packetProblem(b"\x44" + ipv4(b"x" * 10)[1:]), "bad IPv4 header length")
-        self.assertEqual(packetProblem(ipv6()[:30]), "truncated IPv6 header")
-        self.assertEqual(packetProblem(ipv6(b"abc")[:-1]), "IPv6 payload length disagrees with the frame")
+        self.assertEqual(packetProblem(b"\x20" + b"\x00" * 30), "not_ip")
+        self.assertEqual(packetProblem(b"\x45\x00\x00"), "truncated_ipv4_header")
+        self.assertEqual(packetProblem(ipv4(b"x" * 10)[:-1]), "ipv4_length_mismatch")
+        self.assertEqual(packetProblem(ipv4(b"x" * 10) + b"!"), "ipv4_length_mismatch")
+        self.assertEqual(packetProblem(b"\x44" + ipv4(b"x" * 10)[1:]), "bad_ipv4_header_length")
+        self.assertEqual(packetProblem(ipv6()[:30]), "truncated_ipv6_header")
+        self.assertEqual(packetProblem(ipv6(b"abc")[:-1]), "ipv6_length_mismatch")
 
     def test_wellFormedKeepsGoodCountsBad(self):
         drops = DropReporter(Clock(), "test")
         good = [ipv4(b"a"), ipv6(b"b")]
         result = wellFormed([good[0], b"\x00garbage", good[1], b"\x45"], drops)
         self.assertEqual(result, good)
-        self.assertEqual(drops.total["not an IPv4 or IPv6 packet"], 1)
-        self.assertEqual(drops.total["truncated IPv4 header"], 1)
+        self.assertEqual(drops.total[("gateway", "not_ip")], 1)
+        self.assertEqual(drops.total[("gateway", "truncated_ipv4_header")], 1)
 
 
 class DecoderFuzzTests(unittest.TestCase):

@@ -17,6 +17,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 
 from ent import ratstls, ratstransport
+from ent.stats import ServiceStats
 from ent.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
 from tests.ratstlsmock import mock_library
 
@@ -227,27 +228,41 @@ class RatsTlsTransportTests(unittest.TestCase):
             protocol.Factory.forProtocol(Garbage)
         )
         self.addCleanup(port.stopListening)
-        endpoint = RatsTlsClientEndpoint(reactor, "127.0.0.1", port.getHost().port, settings())
+        failures = []
+        endpoint = RatsTlsClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port, settings(), leg="peer",
+            onHandshakeFailed=lambda: failures.append("peer"),
+        )
         e = yield self.assertFailure(
             timeout(endpoint.connect(protocol.Factory.forProtocol(Collector))), error.ConnectError
         )
         self.assertIn("rats-tls handshake failed", str(e))
         self.assertIn("negotiate", str(e))
+        self.assertEqual(failures, ["peer"], "a failed handshake is counted once")
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks
     def test_plainTcpClientRefused(self):
         factory = CollectorFactory()
-        port = yield RatsTlsServerEndpoint(reactor, 0, settings(), interface="127.0.0.1").listen(factory)
+        stats = ServiceStats("entg", reactor)
+        endpoint = RatsTlsServerEndpoint(
+            reactor, 0, settings(), interface="127.0.0.1", leg="agent",
+            onHandshakeFailed=lambda: stats.handshakeFailed("agent", "rats-tls"),
+        )
+        port = yield endpoint.listen(factory)
         self.addCleanup(port.stopListening)
         plain = yield timeout(
             task.deferLater(reactor, 0, socket.create_connection, ("127.0.0.1", port.getHost().port))
         )
         plain.sendall(b"\x00\x00\x00\x05hello")
         plain.shutdown(socket.SHUT_WR)
-        yield task.deferLater(reactor, 0.5, lambda: None)
+        for _ in range(100):
+            yield task.deferLater(reactor, 0.05, lambda: None)
+            if stats.handshakeFailures:
+                break
         plain.close()
         self.assertEqual(factory.protocols, [], "no protocol may see a peer that failed the handshake")
+        self.assertEqual(dict(stats.handshakeFailures), {("agent", "rats-tls"): 1})
 
     @defer.inlineCallbacks
     def test_connectRefused(self):

@@ -13,7 +13,7 @@ from ent.flow import Valve
 from ent.framing import frame, frameSequence
 from ent.gateway import RelayHub
 from ent.protocols.relay import RelayLeg
-from ent.stats import DropReporter
+from ent.stats import ServiceStats
 
 
 def connect(hub, side):
@@ -29,8 +29,9 @@ def lose(leg):
 class RelayHubTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
-        self.drops = DropReporter(self.clock, "test")
-        self.hub = RelayHub(self.drops, self.clock)
+        self.stats = ServiceStats("test", self.clock)
+        self.drops = self.stats.drops
+        self.hub = RelayHub(self.stats, self.clock)
 
     def test_aloneSideIsPaused(self):
         agent = connect(self.hub, "agent")
@@ -77,7 +78,7 @@ class RelayHubTests(unittest.TestCase):
         newAgent = connect(self.hub, "agent")
         newAgent.dataReceived(frame(b"\x45" * 8))
         self.assertEqual(peer.transport.value(), frame(b"\x45" * 8))
-        self.assertEqual(self.drops.total["partial frame cut off on agent leg"], 1)
+        self.assertEqual(self.drops.total[("agent", "partial_frame_cut_off")], 1)
 
     def test_newConnectionReplacesOld(self):
         first = connect(self.hub, "agent")
@@ -94,7 +95,7 @@ class RelayHubTests(unittest.TestCase):
         agent.dataReceived(b"\x00\x00\x00\x00")
         self.assertTrue(agent.transport.disconnected)
         self.assertFalse(peer.transport.disconnecting)
-        self.assertEqual(self.drops.total["framing error on agent leg (EmptyFrame)"], 1)
+        self.assertEqual(self.drops.total[("agent", "zero_length_frame")], 1)
         self.assertEqual(peer.transport.value(), b"")
 
     def test_stalledPartialFrameDropsTheConnection(self):
@@ -110,7 +111,7 @@ class RelayHubTests(unittest.TestCase):
         self.clock.advance(1)
         self.assertTrue(agent.transport.disconnected)
         self.assertEqual(peer.transport.value(), b"")
-        self.assertEqual(self.drops.total["stalled partial frame on agent leg"], 1)
+        self.assertEqual(self.drops.total[("agent", "stalled_partial_frame")], 1)
 
     def test_slowButProgressingStreamIsKept(self):
         agent = connect(self.hub, "agent")

@@ -25,6 +25,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python import usage
@@ -34,7 +35,8 @@ from twisted.trial import unittest
 from ent.app import StartupGuard
 from ent.flow import Valve
 from ent.socketrelay import IncomingEnd, RelayOptions, SocketRelayFactory, SocketRelayService, makeRelayService
-from ent.stats import DropReporter
+from ent.stats import ServiceStats
+from ent.status import Scrape, fetch, metricsUrl
 from ent.vsock import CID_ANY, VsockClientEndpoint, VsockServerEndpoint
 
 LOCAL = "127.0.0.1"
@@ -163,7 +165,7 @@ class RelayLogicTests(unittest.TestCase):
         self.events = []
         self.patch(IncomingEnd, "log", Logger(observer=self.events.append))
         self.target = FakeEndpoint()
-        self.drops = DropReporter(Clock(), "ent-relay")
+        self.drops = ServiceStats("ent-relay", Clock()).drops
         self.relay = SocketRelayFactory(self.target, "vsock:16:8888", 2, self.drops)
 
     def accept(self):
@@ -207,7 +209,7 @@ class RelayLogicTests(unittest.TestCase):
         self.assertFalse(first.transport.disconnecting or second.transport.disconnecting)
         self.assertEqual(len(self.target.attempts), 2)
         self.assertEqual((self.relay.open, self.relay.accepted, self.relay.refused), (2, 2, 1))
-        self.assertEqual(self.drops.total["connections refused: 2 already open"], 1)
+        self.assertEqual(self.drops.total[("incoming", "connection_limit")], 1)
         lose(third)
         self.assertEqual(self.relay.open, 2)
         lose(first)
@@ -446,7 +448,7 @@ class MockModeTests(unittest.TestCase):
         sixth = await self.client(EchoClient(b"over the limit"))
         self.assertEqual(await sixth.done, b"")
         self.assertEqual(self.front.relay.refused, 1)
-        self.assertEqual(self.front.relay.drops.total["connections refused: 5 already open"], 1)
+        self.assertEqual(self.front.relay.drops.total[("incoming", "connection_limit")], 1)
         self.assertEqual(self.back.relay.accepted, 5, "a refused connection never reaches the target")
         held[0].transport.loseConnection()
         await waitFor(lambda: self.front.relay.open == 4)
@@ -499,6 +501,16 @@ class MockModeTests(unittest.TestCase):
         reader.transport.resumeProducing()
         self.assertEqual(await reader.done, firehose.written)
         self.assertGreaterEqual(firehose.written, total)
+
+
+def closedByPeer(sock):
+    """
+    Whether C{sock}'s peer closed or reset it (an abort is a reset).
+    """
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
 
 
 def twistd():
@@ -564,3 +576,48 @@ class TwistdTests(unittest.TestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(f"ent-relay: cannot start: Couldn't listen on {LOCAL}:{port}", result.stdout + result.stderr)
         self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    async def test_metricsOfARealRelay(self):
+        """
+        C{--metrics} on a real relay: one connection held open, a second
+        refused at the limit of one; the scrape and C{python -m ent status}
+        say so.
+        """
+        echo = await TCP4ServerEndpoint(reactor, 0, interface=LOCAL).listen(EchoFactory())
+        self.addCleanup(echo.stopListening)
+        port, metricsPort = freePort(), freePort()
+        process = Output()
+        reactor.spawnProcess(process, twistd(), [
+            twistd(), "-n", "--pidfile=", "ent-relay", "--mock-vsock", "--tcp-to-vsock",
+            "--tcp-address", f"{LOCAL}:{port}", "--vsock-address", f"{LOCAL}:{echo.getHost().port}",
+            "--max-concurrent-connections", "1", "--metrics", f"tcp:{metricsPort}:interface={LOCAL}",
+        ], env=os.environ)
+        held = None
+        try:
+            await waitFor(lambda: b"relaying " in process.output, timeout=30)
+            held = socket.create_connection((LOCAL, port))
+            held.sendall(b"kept open")
+            held.settimeout(10)
+            self.assertEqual(await deferToThread(held.recv, 100), b"kept open")
+            refused = socket.create_connection((LOCAL, port))
+            refused.settimeout(10)
+            self.assertTrue(await deferToThread(closedByPeer, refused), "refused at once")
+            refused.close()
+            url = f"{LOCAL}:{metricsPort}"
+            scrape = Scrape(await deferToThread(fetch, metricsUrl(url), 5))
+            self.assertEqual(scrape.value("ent_relay_connections_open"), 1)
+            self.assertEqual(scrape.value("ent_relay_connections_accepted_total"), 1)
+            self.assertEqual(scrape.value("ent_relay_connections_refused_total"), 1)
+            self.assertEqual(scrape.value("ent_dropped_total", leg="incoming", reason="connection_limit"), 1)
+            self.assertEqual(scrape.value("ent_relay_bytes_total", direction="to_target"), len(b"kept open"))
+            result = await deferToThread(
+                subprocess.run, [sys.executable, "-m", "ent", "status", "--metrics", url],
+                capture_output=True, text=True, timeout=30,
+            )
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertIn("1 open (limit 1), 1 accepted, 1 refused", result.stdout)
+        finally:
+            if held is not None:
+                held.close()
+            process.transport.signalProcess("TERM")
+            await process.ended

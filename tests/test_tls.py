@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from ent import certs
 from ent.topology import ADDRESS, Tunnel
-from tests.checks import assertEchoAndTransfer
+from tests.checks import METRICS, assertEchoAndTransfer, scrapeIn
 from tests.netns import requireRoot
 
 
@@ -70,9 +70,14 @@ class TlsTunnelTests(unittest.TestCase):
         """
         other = os.path.join(self.dir, "other")
         client = tlsArgs(other, "client", "--entg-tls", ca=os.path.join(self.dir, "ca.pem"))
-        with Tunnel(hostArgs=self.hostArgs(client), waitUp=False) as tunnel:
+        hostArgs = self.hostArgs(client)
+        hostArgs["gw1"] += METRICS
+        with Tunnel(hostArgs=hostArgs, waitUp=False) as tunnel:
             self.waitForLog(tunnel, "agent leg: TLS handshake with 10.1.0.1")
             self.assertFalse(tunnel.tunnelUp())
+            gw1 = scrapeIn(tunnel.topology, "gw1")
+            self.assertGreaterEqual(gw1.value("ent_handshake_failures_total", leg="agent", kind="tls"), 1)
+            self.assertEqual(gw1.value("ent_leg_connections_total", leg="agent"), 0)
             gw1 = open(os.path.join(tunnel.logdir, "gw1-entg.log")).read()
             self.assertNotIn("agent connected", gw1)
             tunnel.stopServices()
@@ -80,9 +85,12 @@ class TlsTunnelTests(unittest.TestCase):
             self.assertRegex(server, r"agent stopped: \d+ packets sent, 0 received")
 
     def test_clientRefusesGatewayWithWrongName(self):
-        client = tlsArgs(self.dir, "client", "--entg-tls", "--entg-tls-name", "gw-elsewhere")
+        client = tlsArgs(self.dir, "client", "--entg-tls", "--entg-tls-name", "gw-elsewhere", *METRICS)
         with Tunnel(hostArgs=self.hostArgs(client), waitUp=False) as tunnel:
             self.waitForLog(tunnel, "gateway leg: TLS handshake with 10.1.0.2:6980 failed")
             self.assertFalse(tunnel.tunnelUp())
+            scrape = scrapeIn(tunnel.topology, "client")
+            self.assertGreaterEqual(scrape.value("ent_handshake_failures_total", leg="gateway", kind="tls"), 1)
+            self.assertEqual(scrape.value("ent_leg_up", leg="gateway"), 0)
             client = open(os.path.join(tunnel.logdir, "client-enta.log")).read()
             self.assertNotIn("connected to gateway", client)

@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IHandshakeListener, ISystemHandle
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from ent.errors import FramingError
+from ent.errors import EmptyFrame, FramingError
 from ent.framing import FrameDecoder
 from ent.tls import isTls
 
@@ -39,9 +39,10 @@ class FramedLeg(Protocol):
     after the handshake on TLS, so that a peer with a bad certificate never
     takes the place of a good one.
 
-    Subclasses implement L{legUp}, L{legDown} and L{framedDataReceived},
-    which gets a list of packets (C{relay=False}) or the bytes of whole
-    frames (C{relay=True}).
+    Subclasses set C{leg} before calling C{__init__} and implement
+    L{legUp}, L{legDown} and L{framedDataReceived}, which gets a list of
+    packets (C{relay=False}) or the bytes of whole frames (C{relay=True})
+    and their count. What the leg receives is counted here, once per read.
     """
 
     log = Logger()
@@ -52,8 +53,10 @@ class FramedLeg(Protocol):
     # stuck or hostile: its connection is dropped.
     partialFrameTimeout = 30.0
 
-    def __init__(self, drops, clock):
-        self.drops = drops
+    def __init__(self, stats, clock):
+        self.stats = stats
+        self.drops = stats.drops
+        self.legStats = stats.leg(self.leg)
         self.clock = clock
         self.decoder = FrameDecoder()
         self._completed = 0
@@ -75,26 +78,35 @@ class FramedLeg(Protocol):
     def _becomeUp(self):
         self.up = True
         noDelay(self.transport)
+        self.legStats.connected(self.peerName())
         self.legUp()
 
     def dataReceived(self, data):
+        decoder = self.decoder
+        before = decoder.completed
         try:
             if self.relay:
-                out = self.decoder.frames(data)
+                out = decoder.frames(data)
             else:
-                out = self.decoder.packets(data)
+                out = decoder.packets(data)
         except FramingError as e:
-            self.drops.count(f"framing error on {self.leg} leg ({type(e).__name__})")
+            self.drops.count(
+                "zero_length_frame" if isinstance(e, EmptyFrame) else "oversize_frame", leg=self.leg,
+            )
             self.log.error(
-                "{leg} leg: dropping connection from {peer}: {error}",
-                leg=self.leg, peer=self.peerName(), error=str(e),
+                "{leg} leg: dropping connection from {peer}: {reason}",
+                leg=self.leg, peer=self.peerName(), reason=str(e),
             )
             self.decoder.clear()
             self.transport.abortConnection()
             return
+        stats = self.legStats
+        stats.bytesReceived += len(data)
         if out:
+            count = decoder.completed - before
+            stats.packetsReceived += count
             self._completed += 1
-            self.framedDataReceived(out)
+            self.framedDataReceived(out, count)
         if self.decoder.pending and self._stallCheck is None:
             self._stallCheck = self.clock.callLater(
                 self.partialFrameTimeout, self._checkStall, self._completed
@@ -109,13 +121,14 @@ class FramedLeg(Protocol):
         if not self.decoder.pending:
             return
         if self._completed == completedBefore:
-            self.drops.count(f"stalled partial frame on {self.leg} leg")
+            self.drops.count("stalled_partial_frame", leg=self.leg)
             self.log.error(
                 "{leg} leg: dropping connection from {peer}: {pending} bytes of a "
                 "frame and nothing more for {timeout}s",
                 leg=self.leg, peer=self.peerName(), pending=self.decoder.pending,
                 timeout=self.partialFrameTimeout,
             )
+            self.decoder.clear()  # counted once, as stalled, not again as cut off
             self.transport.abortConnection()
         else:
             self._stallCheck = self.clock.callLater(
@@ -128,11 +141,13 @@ class FramedLeg(Protocol):
             self._stallCheck = None
         partial = self.decoder.clear()
         if partial:
-            self.drops.count(f"partial frame cut off on {self.leg} leg")
+            self.drops.count("partial_frame_cut_off", leg=self.leg)
         if self.up:
+            self.up = False
+            self.legStats.lost()
             self.legDown(reason)
         else:
-            self.drops.count(f"TLS handshake failed on {self.leg} leg")
+            self.stats.handshakeFailed(self.leg, "tls")
             self.log.error(
                 "{leg} leg: TLS handshake with {peer} failed, connection refused: {reason}",
                 leg=self.leg, peer=self.peerName(), reason=reason.getErrorMessage(),
@@ -144,5 +159,5 @@ class FramedLeg(Protocol):
     def legDown(self, reason):
         raise NotImplementedError()
 
-    def framedDataReceived(self, out):
+    def framedDataReceived(self, out, count):
         raise NotImplementedError()

@@ -17,18 +17,18 @@ class RelayLeg(FramedLeg):
     relay = True
 
     def __init__(self, hub, side):
-        FramedLeg.__init__(self, hub.drops, hub.clock)
-        self.hub = hub
         self.side = side
         self.leg = side
+        FramedLeg.__init__(self, hub.stats, hub.clock)
+        self.hub = hub
         # The Valve registered as this leg's transport's producer, if any.
         self.feeding = None
 
     def legUp(self):
         self.hub.attach(self)
 
-    def framedDataReceived(self, frames):
-        self.hub.forward(self, frames)
+    def framedDataReceived(self, frames, count):
+        self.hub.forward(self, frames, count)
 
     def legDown(self, reason):
         self.hub.detach(self, reason)

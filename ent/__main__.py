@@ -1,0 +1,27 @@
+"""
+C{python -m ent COMMAND}: ENT's commands that run without twistd.
+"""
+
+import sys
+
+COMMANDS = {
+    "status": ("ent.status", "summarise a running service from its metrics"),
+    "certs": ("ent.certs", "make a small CA and certificates for a test deployment"),
+    "demo": ("ent.demo", "run the whole tunnel in network namespaces"),
+}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: python -m ent COMMAND [options]\n\ncommands:", file=sys.stderr)
+        for name, (_, help) in COMMANDS.items():
+            print(f"  {name:<8}{help}", file=sys.stderr)
+        return 2 if argv and argv[0] not in ("-h", "--help") else 0
+    from importlib import import_module
+
+    return import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
