@@ -87,6 +87,20 @@ class TunTransportTests(unittest.TestCase):
         self.assertEqual(packets[0][9], socket.IPPROTO_UDP)
         self.assertEqual(packets[7][-8:], b"ENT00007")
 
+    def test_batchBoundedInBytes(self):
+        """
+        Large packets end a batch early: about C{batchBytes} per wakeup,
+        whatever the count, and the stats follow.
+        """
+        self.tun._batchBytes = 1000
+        self.sendUdp(30)  # 36 bytes each
+        packets = self.tun.readPackets()
+        self.assertEqual(len(packets), 28, "1000 bytes are reached at the 28th packet")
+        self.tun.doRead()
+        self.assertEqual(self.tun.stats.packetsRead, 2)
+        self.assertEqual(self.tun.stats.bytesRead, 72)
+        self.assertEqual(self.tun.stats.batches[2], 1)
+
     @defer.inlineCallbacks
     def test_pausedProducerReadsNothing(self):
         self.tun.startReading()
