@@ -603,7 +603,9 @@ def render(results, info, seconds, pngName):
         f"- socat: gw1 `socat TCP-LISTEN:1194,fork,reuseaddr TCP:{ADDRESS['gw2']}:1195`, "
         f"gw2 `socat TCP-LISTEN:1195,fork,reuseaddr TCP:{ADDRESS['server']}:1194`.",
         f"- ENT: `twistd -n entg` in the gateways as in the README, `twistd -n enta --dport {PORT}` "
-        f"(client host) and `--replay {PORT}` (server host), plus `--mtu 1500` on both agents for ENT --mtu 1500; "
+        f"(client host) and `--replay {PORT}` (server host), plus `--mtu 1500` on both agents for ENT --mtu 1500, "
+        f"and `--metrics tcp:9100:interface=127.0.0.1` on all four for the metrics row, each scraped once a second "
+        f"by a Python loop in its namespace; "
         f"iperf3 connects to {ADDRESS['server']}:{PORT}, which ENT captures.",
         "- kernel: `net.ipv4.ip_forward=1` in the two gateway namespaces, static routes in all four.",
     ]
