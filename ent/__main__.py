@@ -17,7 +17,7 @@ def main(argv=None):
         print("usage: python -m ent COMMAND [options]\n\ncommands:", file=sys.stderr)
         for name, (_, help) in COMMANDS.items():
             print(f"  {name:<8}{help}", file=sys.stderr)
-        return 2 if argv and argv[0] not in ("-h", "--help") else 0
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
     from importlib import import_module
 
     return import_module(COMMANDS[argv[0]][0]).main(argv[1:])

@@ -7,6 +7,7 @@ over real HTTP. The real tunnel is scraped in test_observability.
 import io
 import json
 import socket
+import sys
 
 from prometheus_client.exposition import generate_latest
 from twisted.internet import reactor
@@ -329,3 +330,14 @@ class JsonLogTests(unittest.TestCase):
         observer({"log_format": "to a file", "log_time": 0, "log_level": LogLevel.info, "n": 1})
         with open(path) as f:
             self.assertEqual(json.loads(f.read())["n"], 1)
+
+
+class CommandTests(unittest.TestCase):
+    def test_pythonMinusEnt(self):
+        from ent.__main__ import main
+
+        self.patch(sys, "stderr", io.StringIO())
+        self.assertEqual(main([]), 2)
+        self.assertEqual(main(["nonsense"]), 2)
+        self.assertEqual(main(["--help"]), 0)
+        self.assertIn("status", sys.stderr.getvalue())
