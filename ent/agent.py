@@ -11,10 +11,9 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from ent import hostconfig, netfilter, tun
-from ent.endpoints import CountingEndpoint
 from ent.errors import EntError
 from ent.flow import Valve
-from ent.framing import frameSequence
+from ent.framing import HEADER_SIZE, frameSequence
 from ent.packets import wellFormed
 from ent.protocols.framed import FramedLeg
 from ent.stats import ServiceStats
@@ -74,7 +73,7 @@ class AgentService(MultiService):
         self._writeErrors = set()
         self._undo = []
         self.client = ClientService(
-            CountingEndpoint(endpoint, self.linkStats),
+            endpoint,
             GatewayLinkFactory(self),
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
             clock=reactor,
@@ -177,16 +176,18 @@ class AgentService(MultiService):
             next="; reconnecting" if self.running else "",
         )
 
-    def packetsFromTun(self, packets):
+    def packetsFromTun(self, packets, size):
+        """
+        C{packets} read from the TUN, C{size} bytes in all.
+        """
         link = self.link
         if link is None:
             self.drops.count("no_gateway", len(packets), leg="tun")
             return
-        frames = frameSequence(packets)
         stats = self.linkStats
         stats.packetsSent += len(packets)
-        stats.bytesSent += sum(map(len, frames))
-        link.transport.writeSequence(frames)
+        stats.bytesSent += size + HEADER_SIZE * len(packets)
+        link.transport.writeSequence(frameSequence(packets))
 
     def packetsFromLink(self, packets):
         if self.tun is None:

@@ -10,6 +10,7 @@ import re
 
 from zope.interface import implementer
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -29,22 +30,29 @@ from ent.errors import ConfigurationError
 class DescribedEndpoint:
     """
     A client endpoint that names itself as the operator wrote it, and logs
-    why a connection attempt failed before the caller retries.
+    (and counts in C{legStats}, if given) why a connection attempt failed
+    before the caller retries.
     """
 
     log = Logger()
 
-    def __init__(self, endpoint, description):
+    def __init__(self, endpoint, description, legStats=None):
         self.endpoint = endpoint
         self.description = description
+        self.legStats = legStats
 
     def __repr__(self):
         return self.description
 
     def connect(self, factory):
         def failed(reason):
+            if reason.check(CancelledError):  # a stop, not a failure
+                return reason
+            if self.legStats is not None:
+                self.legStats.connectFailures += 1
             self.log.warn(
                 "cannot connect to {endpoint}: {reason}",
+                leg=self.legStats.name if self.legStats is not None else None,
                 endpoint=self.description, reason=reason.getErrorMessage(),
             )
             return reason
@@ -52,27 +60,15 @@ class DescribedEndpoint:
         return self.endpoint.connect(factory).addErrback(failed)
 
 
-@implementer(IStreamClientEndpoint)
-class CountingEndpoint:
+def listeningService(endpoint, factory):
     """
-    A client endpoint that counts its failed connection attempts (failed
-    rats-tls handshakes included) in a leg's stats.
+    A service listening on C{endpoint}; a port it cannot listen on fails
+    the start (one line, by L{ent.app.StartupGuard}) instead of leaving a
+    service running that nobody can reach.
     """
-
-    def __init__(self, endpoint, legStats):
-        self.endpoint = endpoint
-        self.legStats = legStats
-
-    def connect(self, factory):
-        def failed(reason):
-            if not reason.check(CancelledError):  # a stop, not a failure
-                self.legStats.connectFailures += 1
-            return reason
-
-        return self.endpoint.connect(factory).addErrback(failed)
-
-    def __repr__(self):
-        return repr(self.endpoint)
+    service = StreamServerEndpointService(endpoint, factory)
+    service._raiseSynchronously = True
+    return service
 
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d+)$")

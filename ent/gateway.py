@@ -7,11 +7,11 @@ side is missing the other is paused, so its frames wait in its socket
 instead of being thrown away.
 """
 
-from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from ent.endpoints import CountingEndpoint
+from ent.endpoints import listeningService
 from ent.flow import Valve
 from ent.protocols.relay import RelayLegFactory
 from ent.stats import ServiceStats
@@ -109,7 +109,7 @@ class GatewayService(MultiService):
         self._listen(agentEndpoint, "agent")
         if peerConnect is not None:
             ClientService(
-                CountingEndpoint(peerConnect, self.stats.leg("peer")),
+                peerConnect,
                 RelayLegFactory(self.hub, "peer"),
                 retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
                 clock=reactor,
@@ -118,11 +118,7 @@ class GatewayService(MultiService):
             self._listen(peerListen, "peer")
 
     def _listen(self, endpoint, side):
-        service = StreamServerEndpointService(endpoint, RelayLegFactory(self.hub, side))
-        # A port we cannot listen on must fail the start, not leave a
-        # gateway running that nobody can reach.
-        service._raiseSynchronously = True
-        service.setServiceParent(self)
+        listeningService(endpoint, RelayLegFactory(self.hub, side)).setServiceParent(self)
 
     def startService(self):
         self.stats.start()

@@ -72,8 +72,8 @@ def _handshakeCounter(stats, leg, kind):
 def secureClient(reactor, endpoint, security, description, leg="rats-tls", stats=None):
     """
     The client endpoint of leg C{leg}, wrapped in its protection; failed
-    rats-tls handshakes are counted in C{stats} (TLS ones are counted by the
-    leg's protocol, which sees them).
+    connection attempts and rats-tls handshakes are counted in C{stats}
+    (failed TLS handshakes by the leg's protocol, which sees them).
     """
     if security.kind == "tls":
         endpoint = tls.clientTls(endpoint, security.tlsFiles, security.peerName)
@@ -88,7 +88,7 @@ def secureClient(reactor, endpoint, security, description, leg="rats-tls", stats
             onHandshakeFailed=_handshakeCounter(stats, leg, "rats-tls"),
         )
         description = f"{description} (rats-tls)"
-    return DescribedEndpoint(endpoint, description)
+    return DescribedEndpoint(endpoint, description, stats.leg(leg) if stats is not None else None)
 
 
 def secureServer(reactor, endpoint, security, description, leg="rats-tls", stats=None):

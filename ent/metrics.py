@@ -15,11 +15,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
-from twisted.application.internet import StreamServerEndpointService
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ent import __version__
+from ent.endpoints import listeningService
 from ent.tun import kernelDrops
 
 # Upper bounds of the TUN batch-size histogram; the reader takes at most
@@ -214,6 +214,4 @@ def metricsService(endpoint, stats):
     A service that serves C{stats} on C{endpoint} at C{/metrics}; a port
     that cannot be listened on fails the start.
     """
-    service = StreamServerEndpointService(endpoint, metricsSite(stats))
-    service._raiseSynchronously = True
-    return service
+    return listeningService(endpoint, metricsSite(stats))

@@ -96,7 +96,6 @@ class LegStats:
         # Connections up at once: a gateway side may briefly have two, the
         # one that replaces and the one being replaced.
         self.open = 0
-        self.peer = None
         self.connections = 0
         self.disconnects = 0
         self.connectFailures = 0
@@ -116,9 +115,8 @@ class LegStats:
         """
         return max(self.connections - 1, 0)
 
-    def connected(self, peer):
+    def connected(self):
         self.open += 1
-        self.peer = peer
         self.connections += 1
 
     def lost(self):
@@ -132,7 +130,7 @@ class TunStats:
     read C{n} packets.
     """
 
-    def __init__(self, batch, name=None):
+    def __init__(self, batch, name):
         self.name = name
         self.batches = [0] * (batch + 1)
         self.packetsRead = 0
@@ -149,14 +147,12 @@ class ServiceStats:
     handshakes; read by L{ent.metrics} and by the service's own log lines.
     """
 
-    def __init__(self, service, clock, legs=()):
+    def __init__(self, service, clock):
         self.service = service
         self.clock = clock
         self.started = None
         self.drops = DropReporter(clock, service)
         self.legs = {}
-        for name in legs:
-            self.leg(name)
         self.handshakeFailures = Counter()
         # The agent's TUN counters, the relay's connection counters.
         self.tun = None

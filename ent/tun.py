@@ -3,8 +3,8 @@ The TUN device: created with IFF_TUN | IFF_NO_PI, configured with pyroute2
 (in L{ent.hostconfig}'s child process), and read by the reactor as a
 L{FileDescriptor}.
 
-The rest of ENT sees a narrow interface: batches of packets come out through
-a callback, batches go in through L{TunTransport.writePackets}, and the
+The rest of ENT sees a narrow interface: batches of packets (and their size
+in bytes) come out through a callback, batches go in through L{TunTransport.writePackets}, and the
 reader is an L{IPushProducer} so that a full outgoing leg pauses it.
 """
 
@@ -137,10 +137,9 @@ class TunTransport(FileDescriptor):
     log = Logger()
 
     def __init__(self, fd, name, mtu, deliver, onWriteError, reactor, batch=DEFAULT_BATCH,
-                 stats=None, batchBytes=DEFAULT_BATCH_BYTES):
+                 batchBytes=DEFAULT_BATCH_BYTES):
         FileDescriptor.__init__(self, reactor)
-        self.stats = stats if stats is not None else TunStats(batch)
-        self.stats.name = name
+        self.stats = TunStats(batch, name)
         self._fd = fd
         self.name = name
         self._readSize = mtu
@@ -192,7 +191,7 @@ class TunTransport(FileDescriptor):
         if packets:
             stats.packetsRead += len(packets)
             stats.bytesRead += total
-            self._deliver(packets)
+            self._deliver(packets, total)
         return None
 
     def pauseProducing(self):

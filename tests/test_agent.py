@@ -57,7 +57,7 @@ class AgentDataPathTests(unittest.TestCase):
         return link
 
     def test_noGatewayCountsDrops(self):
-        self.agent.packetsFromTun([b"\x45" * 20, b"\x45" * 20])
+        self.agent.packetsFromTun([b"\x45" * 20, b"\x45" * 20], 40)
         self.assertEqual(self.agent.drops.total[("tun", "no_gateway")], 2)
 
     def test_linkUpResumesTunAsProducerOfTheLink(self):
@@ -70,9 +70,10 @@ class AgentDataPathTests(unittest.TestCase):
     def test_tunBatchSentFramed(self):
         link = self.connect()
         packets = [b"\x45" * 20, b"\x60" * 40]
-        self.agent.packetsFromTun(packets)
+        self.agent.packetsFromTun(packets, sum(map(len, packets)))
         self.assertEqual(link.transport.value(), b"".join(frameSequence(packets)))
         self.assertEqual(self.agent.linkStats.packetsSent, 2)
+        self.assertEqual(self.agent.linkStats.bytesSent, len(link.transport.value()))
 
     def test_framesFromGatewayWrittenToTun(self):
         link = self.connect()

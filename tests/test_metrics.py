@@ -145,7 +145,7 @@ class DropReasonTests(unittest.TestCase):
 
     def tunSideDropsOnTheAgent(self):
         agent = self.agent()
-        agent.packetsFromTun([ipv4(b"a")] * 3)
+        agent.packetsFromTun([ipv4(b"a")] * 3, 3 * len(ipv4(b"a")))
         agent.tun = RefusingTun(agent)
         agent.packetsFromLink([ipv4(b"b")] * 2)
         agent.tun = None

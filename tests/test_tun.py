@@ -42,7 +42,8 @@ class TunTransportTests(unittest.TestCase):
         self.writeErrors = []
         fd = tun.openTun("enttun0")
         self.tun = tun.TunTransport(
-            fd, "enttun0", 1500, self.batches.append, self.writeErrors.append, reactor
+            fd, "enttun0", 1500, lambda packets, size: self.batches.append(packets), self.writeErrors.append,
+            reactor,
         )
         self.addCleanup(self._close)
         tun.configureTun("enttun0", "192.168.0.1", 24, 1500)

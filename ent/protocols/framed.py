@@ -78,7 +78,7 @@ class FramedLeg(Protocol):
     def _becomeUp(self):
         self.up = True
         noDelay(self.transport)
-        self.legStats.connected(self.peerName())
+        self.legStats.connected()
         self.legUp()
 
     def dataReceived(self, data):
