@@ -60,6 +60,7 @@ class AgentService(MultiService):
     """
 
     log = Logger()
+    stopping = False
 
     def __init__(self, options, endpoint, reactor, stats=None):
         MultiService.__init__(self)
@@ -142,6 +143,15 @@ class AgentService(MultiService):
         MultiService.startService(self)
 
     def stopService(self):
+        # Read no more from the TUN first: fed by a busy TUN, the link would
+        # never empty its buffer, and its close would wait as long as the
+        # application keeps sending.
+        self.stopping = True
+        if self.tun is not None:
+            self.tun.stopReading()
+        if self.link is not None:
+            self.link.transport.unregisterProducer()
+            self.link.close()
         d = MultiService.stopService(self)
 
         def cleanUp(result):
@@ -160,7 +170,7 @@ class AgentService(MultiService):
     def linkUp(self, link):
         self.link = link
         self.log.info("connected to gateway {peer}", leg=link.leg, peer=link.peerName())
-        if self.tun is not None:
+        if self.tun is not None and not self.stopping:
             link.transport.registerProducer(Valve(self.tun), True)
             self.tun.resumeProducing()
 

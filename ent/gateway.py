@@ -45,29 +45,29 @@ class RelayHub:
             self.log.info("{leg} connected from {peer}", leg=leg.side, peer=leg.peerName())
         other = self.legs[OTHER[leg.side]]
         if other is None:
-            leg.transport.pauseProducing()
+            leg.pauseProducing()
             self.log.info("{leg} waits for the {other} side", leg=leg.side, other=OTHER[leg.side])
         else:
             self._join(leg, other)
 
     @staticmethod
-    def _feed(leg, source):
+    def feed(leg, source):
         """
-        Make C{source}'s transport the producer that C{leg}'s transport
-        pauses when its buffer is full (C{None}: no producer).
+        Make C{source} the producer that C{leg}'s transport pauses when its
+        buffer is full (C{None}: no producer).
         """
         if leg.feeding is not None:
             leg.transport.unregisterProducer()
             leg.feeding = None
         if source is not None:
-            leg.feeding = Valve(source.transport)
+            leg.feeding = Valve(source)
             leg.transport.registerProducer(leg.feeding, True)
 
     def _join(self, a, b):
-        self._feed(a, b)
-        self._feed(b, a)
-        a.transport.resumeProducing()
-        b.transport.resumeProducing()
+        self.feed(a, b)
+        self.feed(b, a)
+        a.resumeProducing()
+        b.resumeProducing()
         self.log.info("relaying between agent and peer gateway")
 
     def detach(self, leg, reason):
@@ -80,8 +80,17 @@ class RelayHub:
         )
         other = self.legs[OTHER[leg.side]]
         if other is not None:
-            self._feed(other, None)
-            other.transport.pauseProducing()
+            self.feed(other, None)
+            other.pauseProducing()
+
+    def closeAll(self):
+        """
+        Close both legs, neither feeding the other any more.
+        """
+        for leg in self.legs.values():
+            if leg is not None:
+                self.feed(leg, None)
+                leg.close()
 
     def forward(self, leg, frames, count):
         target = self.legs[OTHER[leg.side]]
@@ -125,8 +134,8 @@ class GatewayService(MultiService):
         MultiService.startService(self)
 
     def stopService(self):
+        # Close the legs first: a leg fed by the other would otherwise be
+        # kept busy, and its close put off, for as long as traffic flows.
+        self.hub.closeAll()
         d = MultiService.stopService(self)
-        for leg in self.hub.legs.values():
-            if leg is not None:
-                leg.transport.loseConnection()
         return d.addBoth(lambda r: (self.stats.stop(), r)[1])

@@ -126,3 +126,35 @@ class GatewayServiceTests(unittest.TestCase):
         self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("10.2.0.2", 6979)])
         self.assertEqual([port for port, *_ in reactor.tcpServers], [6980])
         service.stopService()
+
+
+class AgentStopTests(unittest.TestCase):
+    """
+    A stop must not wait for a link that the TUN keeps feeding.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        endpoint = TCP4ClientEndpoint(self.reactor, "10.1.0.2", 6980)
+        self.agent = AgentService(agentOptions(), endpoint, self.reactor)
+        self.agent.tun = self.tun = FakeTun()
+        self.tun.stopReading = lambda: setattr(self.tun, "state", "stopped")
+        self.link = GatewayLink(self.agent)
+        self.link.makeConnection(StringTransport())
+
+    def test_stopStopsTheTunAndUnregistersIt(self):
+        self.agent.unconfigureHost = lambda: None
+        self.agent.stopService()
+        self.assertEqual(self.tun.state, "stopped")
+        self.assertIsNone(self.link.transport.producer)
+        self.assertTrue(self.link.transport.disconnecting)
+        self.reactor.advance(self.link.closeTimeout)
+        self.assertTrue(self.link.transport.disconnected)
+
+    def test_linkUpWhileStoppingLeavesTunAlone(self):
+        self.agent.unconfigureHost = lambda: None
+        self.agent.stopService()
+        late = GatewayLink(self.agent)
+        late.makeConnection(StringTransport())
+        self.assertEqual(self.tun.state, "stopped")
+        self.assertIsNone(late.transport.producer)

@@ -43,8 +43,8 @@ class RelayHubTests(unittest.TestCase):
         self.assertEqual(agent.transport.producerState, "producing")
         self.assertEqual(peer.transport.producerState, "producing")
         self.assertIsInstance(agent.transport.producer, Valve)
-        self.assertIs(agent.transport.producer.producer, peer.transport)
-        self.assertIs(peer.transport.producer.producer, agent.transport)
+        self.assertIs(agent.transport.producer.producer, peer)
+        self.assertIs(peer.transport.producer.producer, agent)
 
     def test_framesRelayedBothWays(self):
         agent = connect(self.hub, "agent")
@@ -121,3 +121,75 @@ class RelayHubTests(unittest.TestCase):
             self.clock.advance(agent.partialFrameTimeout - 1)
             agent.dataReceived(frame(b"\x45" * 10)[5:])
         self.assertFalse(agent.transport.disconnected)
+
+    def test_legWeHoldPausedNeverStalls(self):
+        """
+        A partial frame on a leg that we paused ourselves (its other side
+        is gone) is not the peer's stall: the leg stays, however long the
+        other side is away, and the partial frame goes on once it is back.
+        """
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        whole = frame(b"\x45" * 1000)
+        agent.dataReceived(whole[:944])
+        lose(peer)
+        self.assertFalse(agent.reading)
+        self.clock.advance(agent.partialFrameTimeout * 10)
+        self.assertFalse(agent.transport.disconnected)
+        self.assertNotIn(("agent", "stalled_partial_frame"), self.drops.total)
+        newPeer = connect(self.hub, "peer")
+        self.assertTrue(agent.reading)
+        agent.dataReceived(whole[944:])
+        self.assertEqual(newPeer.transport.value(), whole)
+
+    def test_stallCountsAgainOnceReading(self):
+        """
+        Once the leg reads again, a partial frame that does not move is a
+        stall after a whole timeout from the resume.
+        """
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        agent.dataReceived(frame(b"\x45" * 1000)[:10])
+        self.clock.advance(agent.partialFrameTimeout - 1)
+        lose(peer)
+        self.clock.advance(agent.partialFrameTimeout * 3)
+        connect(self.hub, "peer")
+        self.clock.advance(agent.partialFrameTimeout - 1)
+        self.assertFalse(agent.transport.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(agent.transport.disconnected)
+        self.assertEqual(self.drops.total[("agent", "stalled_partial_frame")], 1)
+
+    def test_backpressurePauseIsNoStall(self):
+        """
+        A leg paused because the other side's buffer is full is not stalled.
+        """
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        agent.dataReceived(frame(b"\x45" * 1000)[:10])
+        peer.transport.producer.pauseProducing()  # peer's buffer is full
+        self.assertEqual(agent.transport.producerState, "paused")
+        self.clock.advance(agent.partialFrameTimeout * 3)
+        self.assertFalse(agent.transport.disconnected)
+
+    def test_closeStopsFeedingAndAbortsWhatCannotBeSent(self):
+        """
+        A stop unregisters the other side as producer, so nothing new is
+        queued, and aborts a leg whose peer takes nothing within the close
+        timeout.
+        """
+        agent = connect(self.hub, "agent")
+        peer = connect(self.hub, "peer")
+        self.hub.closeAll()
+        self.assertIsNone(agent.transport.producer)
+        self.assertIsNone(peer.transport.producer)
+        self.assertTrue(agent.transport.disconnecting)
+        self.assertFalse(agent.transport.disconnected)
+        self.clock.advance(agent.closeTimeout)
+        self.assertTrue(agent.transport.disconnected)
+
+    def test_closedLegIsNotAbortedOnceGone(self):
+        agent = connect(self.hub, "agent")
+        agent.close()
+        lose(agent)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -43,6 +43,10 @@ class FramedLeg(Protocol):
     L{legUp}, L{legDown} and L{framedDataReceived}, which gets a list of
     packets (C{relay=False}) or the bytes of whole frames (C{relay=True})
     and their count. What the leg receives is counted here, once per read.
+
+    The leg is the push producer of its own reading: pause it through
+    L{pauseProducing}, not through its transport, so that time we hold it
+    paused never counts against its peer as a stall.
     """
 
     log = Logger()
@@ -52,6 +56,11 @@ class FramedLeg(Protocol):
     # A peer that sends part of a frame and then nothing for this long is
     # stuck or hostile: its connection is dropped.
     partialFrameTimeout = 30.0
+    # How long a stop waits for what the leg still has to send before it
+    # aborts the connection: a peer that reads nothing must not hold a
+    # stopping process.
+    closeTimeout = 1.0
+    reading = True
 
     def __init__(self, stats, clock):
         self.stats = stats
@@ -61,6 +70,7 @@ class FramedLeg(Protocol):
         self.decoder = FrameDecoder()
         self._completed = 0
         self._stallCheck = None
+        self._abortCheck = None
 
     def peerName(self):
         peer = self.transport.getPeer() if self.transport else None
@@ -107,10 +117,59 @@ class FramedLeg(Protocol):
             stats.packetsReceived += count
             self._completed += 1
             self.framedDataReceived(out, count)
-        if self.decoder.pending and self._stallCheck is None:
+        self._armStallCheck()
+
+    def _armStallCheck(self):
+        if self.decoder.pending and self.reading and self._stallCheck is None:
             self._stallCheck = self.clock.callLater(
                 self.partialFrameTimeout, self._checkStall, self._completed
             )
+
+    def _cancelStallCheck(self):
+        if self._stallCheck is not None:
+            self._stallCheck.cancel()
+            self._stallCheck = None
+
+    def pauseProducing(self):
+        """
+        Read no more from the peer; a partial frame is not a stall meanwhile.
+        """
+        self.reading = False
+        self._cancelStallCheck()
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        """
+        Read again; a partial frame gets a whole timeout from now.
+        """
+        if self._abortCheck is not None:
+            return  # closing: nothing more is read
+        self.reading = True
+        self.transport.resumeProducing()
+        self._armStallCheck()
+
+    def stopProducing(self):
+        self.close()
+
+    def close(self):
+        """
+        Let the transport send what it holds, and abort it if that takes
+        longer than C{closeTimeout}. Whoever registered a producer on it
+        unregisters that first, or the close waits for the producer.
+        """
+        transport = self.transport
+        if transport is None or self._abortCheck is not None:
+            return
+        transport.loseConnection()
+        self._abortCheck = self.clock.callLater(self.closeTimeout, self._abortUnsent)
+
+    def _abortUnsent(self):
+        self._abortCheck = None
+        self.log.warn(
+            "{leg} leg: {peer} took nothing for {timeout}s while closing; connection aborted",
+            leg=self.leg, peer=self.peerName(), timeout=self.closeTimeout,
+        )
+        self.transport.abortConnection()
 
     def _checkStall(self, completedBefore):
         """
@@ -136,9 +195,10 @@ class FramedLeg(Protocol):
             )
 
     def connectionLost(self, reason):
-        if self._stallCheck is not None:
-            self._stallCheck.cancel()
-            self._stallCheck = None
+        self._cancelStallCheck()
+        if self._abortCheck is not None:
+            self._abortCheck.cancel()
+            self._abortCheck = None
         partial = self.decoder.clear()
         if partial:
             self.drops.count("partial_frame_cut_off", leg=self.leg)
