@@ -4,6 +4,8 @@ C{python -m ent COMMAND}: ENT's commands that run without twistd.
 
 import sys
 
+from ent import versionLine
+
 COMMANDS = {
     "status": ("ent.status", "summarise a running service from its metrics"),
     "certs": ("ent.certs", "make a small CA and certificates for a test deployment"),
@@ -13,8 +15,11 @@ COMMANDS = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-V", "--version"):
+        print(versionLine("ent"))
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m ent COMMAND [options]\n\ncommands:", file=sys.stderr)
+        print("usage: python -m ent [-V|--version] COMMAND [options]\n\ncommands:", file=sys.stderr)
         for name, (_, help) in COMMANDS.items():
             print(f"  {name:<8}{help}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

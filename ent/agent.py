@@ -86,7 +86,8 @@ class AgentService(MultiService):
     def configureHost(self):
         """
         Create the TUN, its nftables table and (capture side) the policy
-        route, recording how to undo each step.
+        route, recording how to undo each step; a bare endpoint gets the
+        TUN alone.
         """
         o = self.options
         name = o["tun-name"]
@@ -99,6 +100,14 @@ class AgentService(MultiService):
         self._undo.append(self._closeTun)
         hostconfig.run("tun", name=name, address=str(interface.ip),
                        prefixlen=interface.network.prefixlen, mtu=o["mtu"])
+        if o["role"] == "bare":
+            # ENG's plain agent: the host's own routes decide what enters.
+            self.log.info(
+                "TUN {tun} up as {address}, mtu {mtu}; bare endpoint: no rules, "
+                "it carries whatever is routed into {tun}",
+                tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
+            )
+            return
         if o["role"] == "capture":
             plan = netfilter.CapturePlan(name, o["dports"], str(o["peer-addr"]), o["tunnel-port"])
         else:

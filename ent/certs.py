@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ent import addVersionOption
+
 VALIDITY = datetime.timedelta(days=825)
 
 
@@ -104,6 +106,7 @@ def main(argv=None):
     )
     parser.add_argument("directory")
     parser.add_argument("names", nargs="+", metavar="NAME[=ALT,ALT...]")
+    addVersionOption(parser, "ent certs")
     args = parser.parse_args(argv)
     os.makedirs(args.directory, exist_ok=True)
     ca = makeCa(args.directory)

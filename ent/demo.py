@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 
+from ent import addVersionOption
 from ent.topology import ADDRESS, Tunnel
 
 
@@ -29,6 +30,7 @@ def indent(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="ENT demo in network namespaces")
     parser.add_argument("--bytes", type=int, default=1_000_000, help="payload of the second echo")
+    addVersionOption(parser, "ent demo")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("the demo creates network namespaces: run it as root")

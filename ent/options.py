@@ -8,9 +8,11 @@ ENG's flag names are accepted as they were.
 """
 
 import ipaddress
+import sys
 
 from twisted.python import usage
 
+from ent import versionLine
 from ent.endpoints import checkClientDescription, checkServerDescription, hostOf, isPlainListen, parsePort
 from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
@@ -58,6 +60,8 @@ class ObservabilityOptions(usage.Options):
     enta, entg and ent-relay.
     """
 
+    command = "ent"
+
     optParameters = [
         ["metrics", None, None,
          "Serve Prometheus metrics at /metrics on this PORT, ADDR:PORT or server "
@@ -66,6 +70,15 @@ class ObservabilityOptions(usage.Options):
          "text, or json: one JSON object per line with the event's fields "
          "(to where twistd writes its log)."],
     ]
+
+    def opt_version(self):
+        """
+        Print ENT's version and exit (ENG's -V).
+        """
+        print(versionLine(self.command))
+        sys.exit(0)
+
+    opt_V = opt_version
 
     def checkObservability(self):
         if self["metrics"] is not None:
@@ -166,12 +179,15 @@ class EntaOptions(SecurityOptions):
     Options of the agent.
     """
 
+    command = "enta"
     synopsis = "[options]"
     longdesc = (
         "ENTA: carry this host's TCP connections through the tunnel. "
         "With --dport it captures the app's connections to those ports "
         "(client host); with --replay it hands the tunnel's connections "
-        "to a local port (server host)."
+        "to a local port (server host). With neither it is a bare TUN "
+        "endpoint, as ENG's plain agent: it installs no rules and carries "
+        "whatever the host routes into the TUN."
     )
 
     optParameters = [
@@ -180,8 +196,8 @@ class EntaOptions(SecurityOptions):
          "Gateway to connect to: HOST:PORT or a Twisted client endpoint string."],
         ["tun-name", None, "tun0", "Name of the TUN device to create."],
         ["tun-addr", None, None,
-         "TUN address ADDR[/PREFIX] (default 192.168.0.1/24 with --dport, "
-         "192.168.0.254/24 with --replay)."],
+         "TUN address ADDR[/PREFIX] (default 192.168.0.254/24 with --replay, "
+         "else 192.168.0.1/24)."],
         ["tun-mask", None, None, "TUN netmask, dotted or prefix length (ENG compatibility)."],
         ["peer-addr", None, None,
          "The far agent's tunnel address (default: the other of 192.168.0.1 and 192.168.0.254)."],
@@ -217,11 +233,9 @@ class EntaOptions(SecurityOptions):
     def postOptions(self):
         self.checkObservability()
         replay = self["replay"]
-        if not self["dports"] and replay is None:
-            raise ConfigurationError("give --dport (client host) or --replay (server host)")
         if self["dports"] and replay is not None:
             raise ConfigurationError("--dport and --replay exclude each other")
-        self["role"] = "replay" if replay is not None else "capture"
+        self["role"] = "replay" if replay is not None else "capture" if self["dports"] else "bare"
         if replay is not None:
             self["replay"] = parsePort(replay, "--replay")
         self["dports"] = tuple(dict.fromkeys(self["dports"]))
@@ -248,7 +262,7 @@ class EntaOptions(SecurityOptions):
         self["entg-security"] = self.legSecurity("entg", self["entg-connect"], "entg-tls-name")
 
     def _tunAddress(self):
-        local = CLIENT_TUN_ADDRESS if self["role"] == "capture" else SERVER_TUN_ADDRESS
+        local = SERVER_TUN_ADDRESS if self["role"] == "replay" else CLIENT_TUN_ADDRESS
         text = self["tun-addr"] or local
         address, _, prefix = text.partition("/")
         if self["tun-mask"] is not None:
@@ -266,6 +280,9 @@ class EntaOptions(SecurityOptions):
 
     def _peerAddress(self):
         interface = self["tun-interface"]
+        if self["peer-addr"] is None and self["role"] == "bare":
+            # No rule of a bare endpoint names the peer.
+            return
         if self["peer-addr"] is None:
             defaults = {CLIENT_TUN_ADDRESS: SERVER_TUN_ADDRESS, SERVER_TUN_ADDRESS: CLIENT_TUN_ADDRESS}
             peer = defaults.get(str(interface.ip))
@@ -291,6 +308,7 @@ class EntgOptions(SecurityOptions):
     Options of the gateway.
     """
 
+    command = "entg"
     synopsis = "[options]"
     longdesc = (
         "ENTG: relay frames between this side's agent and the peer gateway. "

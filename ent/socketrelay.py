@@ -369,6 +369,7 @@ class RelayOptions(ObservabilityOptions):
     Options of the socket relay.
     """
 
+    command = "ent-relay"
     synopsis = "[options]"
     longdesc = (
         "ent-relay: relay TCP to vsock and back, between an enclave and its parent. "

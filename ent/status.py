@@ -14,6 +14,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ent import addVersionOption
 from ent.stats import DROP_REASONS
 
 UP, DEGRADED, UNREACHABLE = 0, 1, 2
@@ -172,6 +173,7 @@ def main(argv=None):
     parser.add_argument("--metrics", required=True,
                         help="the service's metrics: HOST:PORT or URL (path /metrics by default)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the scrape")
+    addVersionOption(parser, "ent status")
     args = parser.parse_args(argv)
     url = metricsUrl(args.metrics)
     try:

@@ -220,7 +220,8 @@ class Tunnel:
 
     def startAll(self):
         t = self.topology
-        self.echo = t.start("server", sys.executable, ECHOSVR, "server", "--port", "7", name="echo")
+        self.echo = t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7",
+                             name="echo")
         self.startService("gw2")
         self.startService("gw1")
         self.startService("server")

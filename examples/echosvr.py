@@ -4,6 +4,12 @@ that the demo and the tests send through the tunnel.
 
     python examples/echosvr.py server --host 0.0.0.0 --port 7
     python examples/echosvr.py client --host 10.4.0.2 --port 7 --bytes 1000000
+
+It takes ENG echosvr's command line too, with its defaults (127.0.0.1:8080)
+and its result line, so ENG's demo scripts run unchanged:
+
+    python examples/echosvr.py server -h 0.0.0.0 -p 8080
+    python examples/echosvr.py client -h 192.168.0.254 -p 8080
 """
 
 import argparse
@@ -17,7 +23,13 @@ from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
+from ent import addVersionOption
+
 log = Logger()
+
+ENG_HOST = "127.0.0.1"
+ENG_PORT = 8080
+CLIENT_DEFAULTS = {"bytes": 64, "timeout": 30.0, "connections": 1}
 
 
 @implementer(IHalfCloseableProtocol)
@@ -117,12 +129,21 @@ def runClient(reactor, args):
     payload = makePayload(args.bytes)
     ok, proto = yield echoOnce(reactor, args, payload)
     verdict = "PASS" if ok else "FAILED"
-    print(f"sent {len(payload)} bytes, received {proto.size} bytes")
+    print(resultLine(len(payload), proto.size, ok))
     print(f"sha256 sent {hashlib.sha256(payload).hexdigest()}")
     print(f"sha256 back {proto.received.hexdigest()}")
     print(f"content {verdict}: {proto.head[:48]!r}")
     if not ok:
         raise SystemExit(1)
+
+
+def resultLine(sent, received, contentOk):
+    """
+    ENG echosvr's result line, which its demo scripts look for.
+    """
+    size = "PASS" if sent == received else "FAIL"
+    content = "PASS" if contentOk else "FAIL"
+    return f"Sent {sent} bytes, received {received} bytes\tcheck size: {size}\tcheck content: {content}"
 
 
 @defer.inlineCallbacks
@@ -153,20 +174,35 @@ def runServer(reactor, args):
     return d
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    server = sub.add_parser("server", help="echo every connection")
-    server.add_argument("--host", default="0.0.0.0")
-    server.add_argument("--port", type=int, default=7)
-    client = sub.add_parser("client", help="send, half-close, check the echo")
-    client.add_argument("--host", default="127.0.0.1")
-    client.add_argument("--port", type=int, default=7)
-    client.add_argument("--bytes", type=int, default=64)
-    client.add_argument("--timeout", type=float, default=30.0)
-    client.add_argument("--connections", type=int, default=1,
-                        help="concurrent connections, each with its own random payload")
+def parseArguments(argv):
+    """
+    ENG echosvr's command line (C{client|server}, C{-h HOST}, C{-p PORT} in
+    any order; so help is C{--help} alone) with ENT's client options beside it.
+    """
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
+    parser.add_argument("command", choices=("client", "server"),
+                        help="server: echo every connection; client: send, half-close, check the echo")
+    parser.add_argument("-h", "--host", default=ENG_HOST,
+                        help=f"address to listen on or connect to (default {ENG_HOST})")
+    parser.add_argument("-p", "--port", type=int, default=ENG_PORT, help=f"TCP port (default {ENG_PORT})")
+    parser.add_argument("--bytes", type=int, help=f"client: payload size (default {CLIENT_DEFAULTS['bytes']})")
+    parser.add_argument("--timeout", type=float,
+                        help=f"client: seconds to wait for the echo (default {CLIENT_DEFAULTS['timeout']:g})")
+    parser.add_argument("--connections", type=int,
+                        help="client: concurrent connections, each with its own random payload (default 1)")
+    parser.add_argument("--help", action="help", help="show this help and exit")
+    addVersionOption(parser, "echosvr")
     args = parser.parse_args(argv)
+    for name, default in CLIENT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.command == "server":
+            parser.error(f"--{name} is a client option")
+    return args
+
+
+def main(argv=None):
+    args = parseArguments(argv)
     if args.command == "server":
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
         task.react(runServer, [args])

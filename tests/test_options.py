@@ -60,7 +60,6 @@ class EntaOptionsTests(unittest.TestCase):
         self.assertIn(fragment, str(e))
 
     def test_refusals(self):
-        self.assertRefused([], "give --dport")
         self.assertRefused(["--dport", "7", "--replay", "8"], "exclude")
         self.assertRefused(["--dport", "0"], "out of range")
         self.assertRefused(["--dport", "70000"], "out of range")
