@@ -2,6 +2,8 @@
 Build ENT's services from parsed options; the twistd plugins call these.
 """
 
+import os
+
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
@@ -10,6 +12,68 @@ from twisted.python.components import Componentized
 from ent.endpoints import clientEndpoint, serverEndpoint
 from ent.errors import EntError
 from ent.legs import secureClient, secureServer
+
+
+class StartReport:
+    """
+    Tells a failed start to the operator the same way in the foreground
+    and as a daemon, and leaves no pidfile behind.
+
+    C{runner} is twistd's own options (C{None} outside twistd). twistd
+    sends stderr to its log (or, as a daemon, to /dev/null) once the
+    service is built, so the terminal's stderr is kept from before; and
+    twistd's waiting daemon parent holds its status pipe open itself, so
+    it waits for ever unless the child writes the pipe before it exits.
+    """
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.terminal = None
+        if runner is not None:
+            self.terminal = os.dup(2)
+
+    def started(self):
+        self._closeTerminal()
+
+    def _closeTerminal(self):
+        if self.terminal is not None:
+            os.close(self.terminal)
+            self.terminal = None
+
+    def failed(self, message):
+        """
+        Report C{message}; return what the process should exit with.
+        """
+        runner = self.runner
+        if runner is None:
+            return message
+        self._removePidfile(runner.get("pidfile"))
+        if self.terminal is not None:
+            os.write(self.terminal, message.encode(errors="backslashreplace") + b"\n")
+            self._closeTerminal()
+        pipe = runner.get("statusPipe")
+        if pipe is not None:
+            runner["statusPipe"] = None
+            # twistd's parent prints what follows "1 " and exits 1.
+            os.write(pipe, b"1 " + message.encode("ascii", "backslashreplace")[:98])
+            os.close(pipe)
+        return 1
+
+    @staticmethod
+    def _removePidfile(path):
+        """
+        Remove C{path} if it names this process: twistd wrote it before
+        our start failed, and would remove it only after a clean stop.
+        """
+        if not path:
+            return
+        try:
+            with open(path) as f:
+                ours = f.read().strip() == str(os.getpid())
+            if ours:
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 class StartupGuard(MultiService):
@@ -25,10 +89,11 @@ class StartupGuard(MultiService):
 
     log = Logger()
 
-    def __init__(self, name, child, extra=(), logObserver=None):
+    def __init__(self, name, child, extra=(), logObserver=None, report=None):
         MultiService.__init__(self)
         self.name = name
         self.logObserver = logObserver
+        self.report = report if report is not None else StartReport(None)
         child.setServiceParent(self)
         for service in extra:
             service.setServiceParent(self)
@@ -47,14 +112,16 @@ class StartupGuard(MultiService):
             start(self)
         except (EntError, CannotListenError) as e:
             self.running = 0
-            self.log.critical("{name}: cannot start: {error}", name=self.name, error=str(e))
-            raise SystemExit(f"{self.name}: cannot start: {e}")
+            message = f"{self.name}: cannot start: {e}"
+            self.log.critical("{message}", message=message)
+            raise SystemExit(self.report.failed(message))
 
     def privilegedStartService(self):
         self._guarded(MultiService.privilegedStartService)
 
     def startService(self):
         self._guarded(MultiService.startService)
+        self.report.started()
 
 
 def _built(name, build):
@@ -79,7 +146,8 @@ def guarded(name, service, options, reactor):
         from ent.logs import observerFor
 
         observer = observerFor(getattr(options, "parent", None))
-    return StartupGuard(name, service, extra, observer)
+    report = StartReport(getattr(options, "parent", None))
+    return StartupGuard(name, service, extra, observer, report)
 
 
 def makeAgentService(options, reactor):
