@@ -87,17 +87,24 @@ class AgentService(MultiService):
         """
         Create the TUN, its nftables table and (capture side) the policy
         route, recording how to undo each step; a bare endpoint gets the
-        TUN alone.
+        TUN alone.  Before configuring anything, check this agent against
+        the others on the host: a conflict is refused, naming the other
+        agent.
         """
         o = self.options
         name = o["tun-name"]
         interface = o["tun-interface"]
+        capture = o["role"] == "capture"
         fd = tun.openTun(name)
         self.tun = tun.TunTransport(
             fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor
         )
         self.stats.tun = self.tun.stats
         self._undo.append(self._closeTun)
+        ports = list(o["dports"]) if capture else []
+        gatewayPort = o.get("gateway-port")
+        policy = hostconfig.run("policy-plan", name=name, ports=ports, table=o["route-table"],
+                                gatewayPort=gatewayPort) or {}
         hostconfig.run("tun", name=name, address=str(interface.ip),
                        prefixlen=interface.network.prefixlen, mtu=o["mtu"])
         if o["role"] == "bare":
@@ -108,21 +115,23 @@ class AgentService(MultiService):
                 tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
             )
             return
-        if o["role"] == "capture":
-            plan = netfilter.CapturePlan(name, o["dports"], str(o["peer-addr"]), o["tunnel-port"])
+        record = netfilter.AgentRecord(policy.get("table"), policy.get("priority"), gatewayPort)
+        if capture:
+            plan = netfilter.CapturePlan(name, o["dports"], str(o["peer-addr"]), o["tunnel-port"], record)
         else:
-            plan = netfilter.ReplayPlan(name, o["replay"], o["tunnel-port"])
+            plan = netfilter.ReplayPlan(name, o["replay"], o["tunnel-port"], record)
         self._undo.append(lambda: netfilter.remove(name))
         netfilter.install(plan)
-        if o["role"] == "capture":
-            self._undo.append(lambda: hostconfig.run("policy-down", table=o["route-table"]))
-            hostconfig.run("policy-up", name=name, ports=list(o["dports"]), table=o["route-table"])
+        if policy:
+            self._undo.append(lambda: hostconfig.run("policy-down", name=name, table=policy["table"]))
+            hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, **policy)
         self.log.info(
             "TUN {tun} up as {address}, mtu {mtu}; {role} "
-            "{ports} via tunnel port {tunnelPort} to {peer}",
+            "{ports} via tunnel port {tunnelPort} to {peer}{route}",
             tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
-            ports=",".join(map(str, o["dports"])) if o["role"] == "capture" else o["replay"],
+            ports=",".join(map(str, o["dports"])) if capture else o["replay"],
             tunnelPort=o["tunnel-port"], peer=str(o["peer-addr"]),
+            route=" (route table {table}, rule priority {priority})".format(**policy) if policy else "",
         )
 
     def unconfigureHost(self):

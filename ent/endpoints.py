@@ -16,6 +16,7 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
+    _parse,
     clientFromString,
     serverFromString,
 )
@@ -100,6 +101,31 @@ def hostOf(text):
     if match is None:
         return None
     return match.group("v6") or match.group("host")
+
+
+_TCP_CLIENTS = ("tcp", "tls", "ssl")
+_TCP_SERVERS = ("tcp", "tcp6", "ssl")
+
+
+def tcpPortOf(text, server=False):
+    """
+    The TCP port a client (or C{server}) description connects to (listens
+    on), or C{None} when it is not TCP (unix, vsock, ...) or says no port.
+    """
+    match = (_INTERFACE_PORT if server else _HOST_PORT).match(text)
+    if match:
+        return int(match.group("port"))
+    try:
+        args, kwargs = _parse(text)
+    except (ValueError, TypeError):
+        return None
+    if args[0] not in (_TCP_SERVERS if server else _TCP_CLIENTS):
+        return None
+    position = 1 if server else 2
+    try:
+        return int(kwargs.get("port", args[position] if len(args) > position else None))
+    except (TypeError, ValueError):
+        return None
 
 
 def isPlainListen(text):

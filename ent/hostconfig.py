@@ -5,7 +5,8 @@ resident memory, a fifth of the agent's).
 
     python -m ent.hostconfig STEP JSON
 
-Errors come back as the L{ent.errors} class and message the child raised.
+A step's result comes back as JSON; errors come back as the L{ent.errors}
+class and message the child raised.
 """
 
 import json
@@ -21,28 +22,39 @@ def _tun(spec):
     configureTun(spec["name"], spec["address"], spec["prefixlen"], spec["mtu"])
 
 
-def _policyUp(spec):
-    from ent.routing import PolicyRoute, installPolicy, removePolicy
+def _policyPlan(spec):
+    """
+    Check the agent against the others on this host before it configures
+    anything; for a capture, choose its table and rule priority.
+    """
+    from ent.netfilter import records
+    from ent.routing import claimPolicy
 
-    try:
-        installPolicy(PolicyRoute(spec["name"], tuple(spec["ports"]), spec["table"]))
-    except errors.EntError:
-        removePolicy(spec["table"])
-        raise
+    policy = claimPolicy(spec["name"], spec["ports"], spec["table"], spec["gatewayPort"], records())
+    return policy and {"table": policy.table, "priority": policy.priority}
+
+
+def _policyUp(spec):
+    from ent.netfilter import records
+    from ent.routing import PolicyRoute, installPolicy
+
+    policy = PolicyRoute(spec["name"], tuple(spec["ports"]), spec["table"], spec["priority"])
+    installPolicy(policy, spec.get("gatewayPort"), records())
 
 
 def _policyDown(spec):
+    from ent.netfilter import records
     from ent.routing import removePolicy
 
-    removePolicy(spec["table"])
+    removePolicy(spec["table"], spec["name"], records())
 
 
-STEPS = {"tun": _tun, "policy-up": _policyUp, "policy-down": _policyDown}
+STEPS = {"tun": _tun, "policy-plan": _policyPlan, "policy-up": _policyUp, "policy-down": _policyDown}
 
 
 def run(step, **spec):
     """
-    Run C{step} in a child process; raise what it raised.
+    Run C{step} in a child process; return its result, raise what it raised.
     """
     try:
         result = subprocess.run(
@@ -52,7 +64,7 @@ def run(step, **spec):
     except subprocess.TimeoutExpired:
         raise errors.StartupError(f"host configuration step {step!r} timed out")
     if result.returncode == 0:
-        return
+        return json.loads(result.stdout or "null")
     try:
         reported = json.loads(result.stdout)
         cls = getattr(errors, reported["error"])
@@ -69,10 +81,11 @@ def run(step, **spec):
 def main(argv=None):
     step, spec = (argv or sys.argv[1:])
     try:
-        STEPS[step](json.loads(spec))
+        result = STEPS[step](json.loads(spec))
     except errors.EntError as e:
         print(json.dumps({"error": type(e).__name__, "message": str(e)}))
         return 3
+    print(json.dumps(result))
     return 0
 
 

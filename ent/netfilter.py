@@ -6,14 +6,44 @@ killed agent in one atomic transaction, and stop removes exactly ours,
 never touching the user's rules.
 """
 
+import json
+import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from ent.errors import NetfilterError, PrivilegeError
+from ent.errors import ConfigurationError, NetfilterError, PrivilegeError
 
 log = Logger()
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """
+    What other agents on this host must know of this one, kept as the
+    comment of its nftables rule: the table outlives a killed agent, so a
+    restart under the same TUN name finds the policy rules it left, and no
+    other agent mistakes them for its own.
+    """
+
+    routeTable: int = None
+    priority: int = None
+    gatewayPort: int = None
+
+    _FIELDS = (("route-table", "routeTable"), ("priority", "priority"), ("gateway-port", "gatewayPort"))
+
+    def comment(self):
+        pairs = [f"{key}={getattr(self, name)}" for key, name in self._FIELDS
+                 if getattr(self, name) is not None]
+        return " ".join(["ent-agent", *pairs])
+
+    @classmethod
+    def fromComment(cls, text):
+        if not text.startswith("ent-agent"):
+            return None
+        found = dict(re.findall(r"([a-z-]+)=(\d+)", text))
+        return cls(**{name: int(found[key]) for key, name in cls._FIELDS if key in found})
 
 
 @dataclass(frozen=True)
@@ -27,6 +57,7 @@ class CapturePlan:
     ports: tuple
     peerAddress: str
     tunnelPort: int
+    record: AgentRecord = field(default_factory=AgentRecord)
 
 
 @dataclass(frozen=True)
@@ -39,19 +70,34 @@ class ReplayPlan:
     tunName: str
     port: int
     tunnelPort: int
+    record: AgentRecord = field(default_factory=AgentRecord)
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def tableName(tunName):
     """
-    One table per TUN, so several agents on one host keep out of each other's way.
+    One table per TUN, so several agents on one host keep out of each other's
+    way; the TUN name is kept as it is (nft takes "-" and "."), so that two
+    names never share a table.
     """
-    return "ent_" + tunName.replace("-", "_").replace(".", "_")
+    if not _IDENTIFIER.match(tunName):
+        raise ConfigurationError(
+            f"--tun-name {tunName!r}: nftables cannot name a table after it; "
+            "use letters, digits, '_', '-' and '.'"
+        )
+    return "ent_" + tunName
 
 
 def _portSet(ports):
     if len(ports) == 1:
         return str(ports[0])
     return "{ " + ", ".join(str(p) for p in ports) + " }"
+
+
+def _comment(plan):
+    return f' comment "{plan.record.comment()}"'
 
 
 def rulesFor(plan):
@@ -63,7 +109,7 @@ def rulesFor(plan):
             "  chain output {\n"
             "    type nat hook output priority -100; policy accept;\n"
             f'    oifname "{plan.tunName}" tcp dport {_portSet(plan.ports)} '
-            f"dnat to {plan.peerAddress}:{plan.tunnelPort}\n"
+            f"dnat to {plan.peerAddress}:{plan.tunnelPort}{_comment(plan)}\n"
             "  }\n"
         )
     if isinstance(plan, ReplayPlan):
@@ -71,7 +117,7 @@ def rulesFor(plan):
             "  chain prerouting {\n"
             "    type nat hook prerouting priority -100; policy accept;\n"
             f'    iifname "{plan.tunName}" tcp dport {plan.tunnelPort} '
-            f"redirect to :{plan.port}\n"
+            f"redirect to :{plan.port}{_comment(plan)}\n"
             "  }\n"
         )
     raise TypeError(f"unknown plan {plan!r}")
@@ -95,13 +141,14 @@ def removeScript(tunName):
     return f"add table ip {table}\ndelete table ip {table}\n"
 
 
-def runNft(script, nft="nft"):
+def _nft(argv, script=None, nft="nft"):
     """
-    Apply an nft script atomically, raising a L{NetfilterError} that quotes nft.
+    Run nft, raising a L{NetfilterError} that quotes it; return its output.
     """
     try:
         result = subprocess.run(
-            [nft, "-f", "-"], input=script.encode(), capture_output=True, timeout=10
+            [nft, *argv], input=None if script is None else script.encode(),
+            capture_output=True, timeout=10,
         )
     except FileNotFoundError:
         raise NetfilterError(f"{nft} not found: install the nftables package")
@@ -110,6 +157,34 @@ def runNft(script, nft="nft"):
         if "Operation not permitted" in message:
             raise PrivilegeError(f"nft: {message.splitlines()[0]}; run as root")
         raise NetfilterError(f"nft failed: {message}")
+    return result.stdout.decode(errors="replace")
+
+
+def runNft(script, nft="nft"):
+    """
+    Apply an nft script atomically.
+    """
+    _nft(["-f", "-"], script, nft)
+
+
+def records(nft="nft"):
+    """
+    The agents whose tables are on this host: {TUN name: L{AgentRecord}}.
+    A table of an older ENT, without a record, maps to an empty record.
+    """
+    found = {}
+    for item in json.loads(_nft(["-j", "list", "ruleset"], nft=nft) or "{}").get("nftables", ()):
+        for kind in ("table", "rule"):
+            entry = item.get(kind)
+            if not entry or entry.get("family") != "ip":
+                continue
+            name = entry["name"] if kind == "table" else entry["table"]
+            if not name.startswith("ent_"):
+                continue
+            record = AgentRecord.fromComment(entry.get("comment", "")) if kind == "rule" else None
+            if record is not None or name[4:] not in found:
+                found[name[4:]] = record or AgentRecord()
+    return found
 
 
 def install(plan):

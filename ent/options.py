@@ -13,10 +13,13 @@ import sys
 from twisted.python import usage
 
 from ent import versionLine
-from ent.endpoints import checkClientDescription, checkServerDescription, hostOf, isPlainListen, parsePort
+from ent.endpoints import (
+    checkClientDescription, checkServerDescription, hostOf, isPlainListen, parsePort, tcpPortOf,
+)
 from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
 from ent.legs import LegSecurity, RatsTlsChoice
+from ent.netfilter import tableName
 from ent.tls import TlsFiles
 
 CLIENT_TUN_ADDRESS = "192.168.0.1"
@@ -203,7 +206,8 @@ class EntaOptions(SecurityOptions):
          "The far agent's tunnel address (default: the other of 192.168.0.1 and 192.168.0.254)."],
         ["tunnel-port", None, str(TUNNEL_PORT), "In-tunnel service port."],
         ["mtu", None, str(DEFAULT_MTU), f"TUN MTU ({MIN_MTU}-{MAX_PACKET})."],
-        ["route-table", None, "6978", "Routing table number for the capture policy route."],
+        ["route-table", None, "auto",
+         "Routing table number for the capture policy route (default: one no other agent uses)."],
         ["entg-tls-name", None, None,
          "TLS: the name (DNS or IP) the gateway's certificate must carry "
          "(default: the host of --entg-connect)."],
@@ -248,18 +252,37 @@ class EntaOptions(SecurityOptions):
         if not MIN_MTU <= mtu <= MAX_PACKET:
             raise ConfigurationError(f"--mtu {mtu} is out of range {MIN_MTU}-{MAX_PACKET}")
         self["mtu"] = mtu
-        try:
-            self["route-table"] = int(self["route-table"])
-        except ValueError:
-            raise ConfigurationError(f"--route-table {self['route-table']!r} is not a number")
-        if not 1 <= self["route-table"] < 2**31 or self["route-table"] in (253, 254, 255):
-            raise ConfigurationError(f"--route-table {self['route-table']} is reserved or out of range")
         name = self["tun-name"]
         if not name or len(name.encode()) > 15 or "/" in name or " " in name:
             raise ConfigurationError(f"--tun-name {name!r} is not a valid interface name")
+        self._checkBesideOthers()
         self._tunAddress()
         self._peerAddress()
         self["entg-security"] = self.legSecurity("entg", self["entg-connect"], "entg-tls-name")
+
+    def _checkBesideOthers(self):
+        """
+        What can be told without the kernel about sharing the host: the
+        route table, and captures that would loop (the agent's own gateway
+        connection, or its metrics port).
+        """
+        table = self["route-table"]
+        if table == "auto":
+            self["route-table"] = None
+        else:
+            try:
+                self["route-table"] = int(table)
+            except ValueError:
+                raise ConfigurationError(f"--route-table {table!r} is neither a number nor auto")
+            if not 1 <= self["route-table"] < 2**31 or self["route-table"] in (253, 254, 255):
+                raise ConfigurationError(f"--route-table {table} is reserved or out of range")
+        tableName(self["tun-name"])
+        self["gateway-port"] = tcpPortOf(self["entg-connect"])
+        metrics = self["metrics"] and tcpPortOf(self["metrics"], server=True)
+        for port, what in ((self["gateway-port"], "the gateway's port (--entg-connect)"),
+                           (metrics, "the --metrics port")):
+            if port in self["dports"]:
+                raise ConfigurationError(f"--dport {port} is {what}: capturing it would loop into the tunnel")
 
     def _tunAddress(self):
         local = SERVER_TUN_ADDRESS if self["role"] == "replay" else CLIENT_TUN_ADDRESS

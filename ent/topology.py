@@ -270,7 +270,7 @@ class Tunnel:
     def leftovers(self):
         """
         What of ENT's is left in any namespace: TUN devices, nftables
-        tables, policy rules beyond the defaults, routes in ENT's table.
+        tables, policy rules beyond the defaults, ENT's routes in any table.
         """
         found = {}
         for host in HOSTS:
@@ -286,7 +286,7 @@ class Tunnel:
             extra = [r for r in rules if not any(d in r for d in ("lookup local", "lookup main", "lookup default"))]
             if extra:
                 what.append(f"rules: {extra}")
-            routes = ex(host, "ip", "route", "show", "table", "6978").stdout.strip()
+            routes = ex(host, "ip", "route", "show", "table", "all", "proto", "231").stdout.strip()
             if routes:
                 what.append(f"routes: {routes}")
             if what:

@@ -17,7 +17,8 @@ import struct
 from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 
-from ent.errors import PrivilegeError, TunError
+from ent.errors import EntError, PrivilegeError, TunError
+from ent.netfilter import records, tableName
 from ent.stats import TunStats
 
 TUNSETIFF = 0x400454CA
@@ -40,6 +41,17 @@ def interfaceExists(name):
     return True
 
 
+def _agentOn(name):
+    """
+    Whether an agent's nftables table is there for C{name}: with the
+    interface present, that agent is running (its TUN dies with it).
+    """
+    try:
+        return name in records()
+    except EntError:
+        return False
+
+
 def openTun(name):
     """
     Create the TUN interface C{name}; return its non-blocking fd.
@@ -50,6 +62,11 @@ def openTun(name):
     if not name or len(name.encode()) >= IFNAMSIZ:
         raise TunError(f"invalid TUN name {name!r} (1 to {IFNAMSIZ - 1} bytes)")
     if interfaceExists(name):
+        if _agentOn(name):
+            raise TunError(
+                f"--tun-name {name} is in use by another running agent "
+                f"(nftables table {tableName(name)}); choose another --tun-name"
+            )
         raise TunError(
             f"an interface named {name} already exists and is not ENT's; "
             f"remove it or choose another --tun-name"

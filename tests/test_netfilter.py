@@ -5,6 +5,7 @@ The netfilter rule plan: what ENT asks nft to do, without running it.
 from twisted.trial import unittest
 
 from ent import netfilter
+from ent.errors import ConfigurationError
 
 
 class RulePlanTests(unittest.TestCase):
@@ -42,4 +43,23 @@ class RulePlanTests(unittest.TestCase):
         self.assertEqual(script, "add table ip ent_tun1\ndelete table ip ent_tun1\n")
 
     def test_tableNamePerTun(self):
-        self.assertEqual(netfilter.tableName("ent-a.1"), "ent_ent_a_1")
+        """
+        Names that differ only in "-", "." and "_" once shared a table, and
+        the second agent replaced the first's rules.
+        """
+        names = {netfilter.tableName(n) for n in ("ent-a.1", "ent_a_1", "ent.a-1")}
+        self.assertEqual(names, {"ent_ent-a.1", "ent_ent_a_1", "ent_ent.a-1"})
+
+    def test_tableNameRefusesWhatNftCannotName(self):
+        e = self.assertRaises(ConfigurationError, netfilter.tableName, "tun@1")
+        self.assertIn("--tun-name 'tun@1': nftables cannot name a table after it", str(e))
+
+    def test_recordRoundTripsThroughTheComment(self):
+        record = netfilter.AgentRecord(6979, 6980, 6981)
+        plan = netfilter.CapturePlan("tun1", (7,), "192.168.0.254", 6978, record)
+        self.assertIn('comment "ent-agent route-table=6979 priority=6980 gateway-port=6981"',
+                      netfilter.rulesFor(plan))
+        self.assertEqual(netfilter.AgentRecord.fromComment(record.comment()), record)
+        self.assertEqual(netfilter.AgentRecord.fromComment("ent-agent gateway-port=6980"),
+                         netfilter.AgentRecord(gatewayPort=6980))
+        self.assertIsNone(netfilter.AgentRecord.fromComment("the user's own"))

@@ -74,6 +74,26 @@ class EntaOptionsTests(unittest.TestCase):
         self.assertRefused(["--dport", "7", "--entg-connect", "nonsense"], "neither HOST:PORT")
         self.assertRefused(["--dport", "7", "--entg-connect", "host:99999"], "out of range")
         self.assertRefused(["--dport", "7", "--route-table", "254"], "reserved")
+        self.assertRefused(["--dport", "7", "--route-table", "main"], "neither a number nor auto")
+        self.assertRefused(["--dport", "7", "--tun-name", "tun@1"], "nftables cannot name a table")
+
+    def test_routeTableAutomaticUnlessGiven(self):
+        self.assertIsNone(enta("--dport", "7")["route-table"])
+        self.assertEqual(enta("--dport", "7", "--route-table", "100")["route-table"], 100)
+
+    def test_captureThatWouldLoopRefused(self):
+        """
+        Capturing the gateway's port would send the agent's own connection
+        to the gateway into the tunnel, wherever the gateway is.
+        """
+        for connect in ("10.1.0.2:6980", "tcp:host=10.1.0.2:port=6980", "tls:gw.example:6980"):
+            self.assertRefused(["--dport", "7,6980", "--entg-connect", connect],
+                               "--dport 6980 is the gateway's port (--entg-connect): capturing it would loop")
+        self.assertRefused(["--dport", "6980"], "--dport 6980 is the gateway's port")
+        for metrics in ("9100", "127.0.0.1:9100", "tcp:9100:interface=127.0.0.1"):
+            self.assertRefused(["--dport", "9100", "--metrics", metrics],
+                               "--dport 9100 is the --metrics port: capturing it would loop")
+        self.assertEqual(enta("--dport", "7", "--entg-connect", "vsock:3:7")["gateway-port"], None)
 
     def test_unknownFlag(self):
         self.assertRaises(usage.UsageError, enta, "--dport", "7", "--no-such-flag")

@@ -150,10 +150,13 @@ class HostConfigTests(unittest.TestCase):
         out = subprocess.run(["ip", "-o", "addr", "show", "dev", "enttun1"],
                              capture_output=True, text=True).stdout
         self.assertIn("192.168.7.1/24", out)
-        hostconfig.run("policy-up", name="enttun1", ports=[7, 8], table=7000)
+        policy = hostconfig.run("policy-plan", name="enttun1", ports=[7, 8], table=7000, gatewayPort=6980)
+        self.assertEqual(policy, {"table": 7000, "priority": 7000})
+        hostconfig.run("policy-up", name="enttun1", ports=[7, 8], **policy)
         rules = subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout
-        self.assertEqual(rules.count("lookup 7000"), 2)
-        hostconfig.run("policy-down", table=7000)
+        for port in (7, 8):
+            self.assertIn(f"7000:\tfrom all iif lo ipproto tcp dport {port} lookup 7000 proto 231", rules)
+        hostconfig.run("policy-down", name="enttun1", table=7000)
         rules = subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout
         self.assertNotIn("lookup 7000", rules)
 
