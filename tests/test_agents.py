@@ -35,7 +35,7 @@ class TwoTunnels:
         self.topology = t = Topology(logdir=tempfile.mkdtemp(prefix="ent-agents-")).__enter__()
         testCase.addCleanup(t.destroy)
         self.services = {}
-        t.start("server", sys.executable, ECHOSVR, "server", "--port", "7", name="echo")
+        t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7", name="echo")
         for name, (tun, dport, serverTun, client, server, agentPort, peerPort) in TUNNELS.items():
             t.twistd("gw2", "entg", "--entg-listen", str(peerPort), "--enta-listen", str(agentPort),
                      name=f"gw2-{name}")
