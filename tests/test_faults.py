@@ -10,6 +10,7 @@ import time
 
 from twisted.trial import unittest
 
+from ent.protocols.relay import RelayLeg
 from ent.topology import Tunnel
 from tests.checks import sha256s
 from tests.netns import requireRoot
@@ -60,7 +61,7 @@ class FaultTests(unittest.TestCase):
         self.assertEqual(log.count("connected to gateway 10.1.0.2:6980"), 2)
         self.assertIn("lost gateway 10.1.0.2:6980", log)
 
-    def transferThrough(self, cut, size=200_000_000):
+    def transferThrough(self, cut, size=200_000_000, timeout=240):
         """
         Start a transfer, C{cut} the gateway link while it runs, and check
         that it completes with the same sha256. (200 MB rather than the 50 MB
@@ -68,7 +69,7 @@ class FaultTests(unittest.TestCase):
         second, too short a window to cut reliably.)
         """
         client = subprocess.Popen(
-            ["ip", "netns", "exec", self.t.ns("client"), *self.tunnel.echoCommand(size, timeout=240)],
+            ["ip", "netns", "exec", self.t.ns("client"), *self.tunnel.echoCommand(size, timeout=timeout)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.addCleanup(lambda: client.poll() is None and client.kill())
@@ -76,7 +77,7 @@ class FaultTests(unittest.TestCase):
         self.t.waitFor(lambda: open(echoLog).read().count("connection from") >= 1, timeout=20)
         cut()
         self.assertNotIn("closed after", open(echoLog).read(), "the transfer ended before the cut")
-        output, _ = client.communicate(timeout=300)
+        output, _ = client.communicate(timeout=timeout + 60)
         self.assertEqual(client.returncode, 0, output + self.tunnel.logs())
         sent, back = sha256s(output)
         self.assertEqual(sent, back)
@@ -92,6 +93,29 @@ class FaultTests(unittest.TestCase):
         self.transferThrough(cut)
         log = open(f"{self.tunnel.logdir}/gw2-entg.log").read()
         self.assertIn("peer 10.2.0.1", log)
+
+    def test_farGatewayCrashLeavesTheAgentsLegInPlace(self):
+        """
+        The far gateway is killed under load and stays away longer than the
+        stall timeout: the near gateway holds the agent's leg paused (often
+        mid-frame) and keeps it, so an agent that never reconnects (ENG's)
+        carries on, on the same connection, once the far gateway is back.
+        """
+        outage = 60.0
+        self.assertGreater(outage, RelayLeg.partialFrameTimeout)
+
+        def cut():
+            self.restart("gw2")
+            time.sleep(outage)
+            self.tunnel.startService("gw2")
+
+        self.transferThrough(cut, timeout=400)
+        gw1 = open(f"{self.tunnel.logdir}/gw1-entg.log").read()
+        self.assertNotIn("dropping connection", gw1)
+        self.assertEqual(gw1.count("agent connected from"), 1, gw1)
+        client = open(f"{self.tunnel.logdir}/client-enta.log").read()
+        self.assertEqual(client.count("connected to gateway"), 1, client)
+        self.assertNotIn("lost gateway", client)
 
     def test_dropGatewayConnectionDuringTransfer(self):
         def cut():

@@ -7,11 +7,13 @@ Real twistd processes in namespaces, iperf3 through the tunnel.
 
 import os
 import signal
+import socket
+import subprocess
 import time
 
 from twisted.trial import unittest
 
-from ent.topology import ADDRESS, Tunnel
+from ent.topology import ADDRESS, Tunnel, twistdCommand
 from tests.netns import requireRoot
 
 # Seconds an ENT process may take to exit after SIGTERM.
@@ -109,3 +111,60 @@ class StopUnderLoadTests(unittest.TestCase):
         self.frozen("gw2")
         time.sleep(1.5)
         self.assertStopsInTime("gw1")
+
+
+def _freePort():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RelayStopUnderLoadTests(unittest.TestCase):
+    """
+    C{twistd ent-relay} (mock vsock, on loopback) relaying iperf3 at full
+    speed exits within the limit of SIGTERM.
+    """
+
+    def setUp(self):
+        self.processes = []
+        self.addCleanup(self._killAll)
+
+    def _killAll(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+    def start(self, *argv):
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.processes.append(process)
+        return process
+
+    def stopRelayUnderLoad(self, reverse):
+        target, listen = _freePort(), _freePort()
+        self.start("iperf3", "-s", "-B", "127.0.0.1", "-p", str(target))
+        relay = self.start(*twistdCommand(), "-n", "--pidfile=", "ent-relay", "--mock-vsock",
+                           "--tcp-to-vsock", "--tcp-address", f"127.0.0.1:{listen}",
+                           "--vsock-address", f"127.0.0.1:{target}")
+        deadline = time.monotonic() + 30
+        while "relaying " not in (line := relay.stdout.readline()):
+            self.assertLess(time.monotonic(), deadline, "the relay did not start")
+            self.assertNotEqual(line, "", "the relay exited")
+        client = self.start("iperf3", "-c", "127.0.0.1", "-p", str(listen), "-t", "60", "--forceflush",
+                            *(["-R"] if reverse else []))
+        while "bits/sec" not in (line := client.stdout.readline()):
+            self.assertLess(time.monotonic(), deadline, "iperf3 moved nothing")
+            self.assertNotEqual(line, "", "iperf3 ended")
+        time.sleep(1)
+        started = time.monotonic()
+        relay.send_signal(signal.SIGTERM)
+        code = relay.wait(30)
+        seconds = time.monotonic() - started
+        self.assertIn(code, (0, -signal.SIGTERM))
+        self.assertLess(seconds, STOP_LIMIT, f"ent-relay took {seconds:.2f}s to stop")
+
+    def test_upload(self):
+        self.stopRelayUnderLoad(reverse=False)
+
+    def test_download(self):
+        self.stopRelayUnderLoad(reverse=True)
