@@ -112,6 +112,7 @@ class DropReasonTests(unittest.TestCase):
         oversize = connect("agent")
         oversize.dataReceived(HEADER.pack(70000))
         dropped(oversize)
+        connect("agent")  # a leg alone is paused by us, and a paused leg never stalls
         stalled = connect("peer")
         stalled.dataReceived(HEADER.pack(100) + b"x" * 10)
         clock.advance(stalled.partialFrameTimeout + 1)
