@@ -208,7 +208,7 @@ class RatsTlsTransport(abstract.FileDescriptor):
         every record.  OpenSSL reads exactly one record at a time from the
         socket, so while the queue starts at a record boundary its header
         says how much must be there; until it is, SO_RCVLOWAT keeps the fd
-        from polling readable.
+        from polling readable, unless the kernel wants the queue drained.
         """
         if not self._aligned:
             return True
@@ -227,6 +227,12 @@ class RatsTlsTransport(abstract.FileDescriptor):
             if queued >= need:
                 self._setLowWater(1)
                 return True
+        if self._lowat == need:
+            # Readable although the low-water mark is not met: the kernel
+            # wants the queue drained (its buffer is under pressure or the
+            # window nearly shut), and the record cannot complete otherwise.
+            self._setLowWater(1)
+            return True
         self._setLowWater(need)
         return False
 
