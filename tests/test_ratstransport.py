@@ -92,12 +92,10 @@ class RecordingProducer:
 
 class Dribble(protocol.Protocol):
     """
-    A TCP relay to C{factory.target} that passes bytes on in small pieces,
-    each after a short pause, so that every TLS record arrives in several
-    segments, as on a real network.
+    A TCP relay to C{factory.target} that passes bytes on in pieces of
+    C{factory.piece} bytes, C{factory.pause} seconds apart, so that every
+    TLS record arrives in several segments, as on a real network.
     """
-
-    PIECE = 700
 
     def connectionMade(self):
         self.transport.pauseProducing()
@@ -118,35 +116,46 @@ class Dribble(protocol.Protocol):
             self.front.transport.resumeProducing()
 
         def dataReceived(self, data):
-            dribble(self.front.transport, data)
+            dribble(self.front.transport, data, self.front.factory.piece, self.front.factory.pause)
 
         def connectionLost(self, reason):
             self.front.transport.loseConnection()
 
     def dataReceived(self, data):
-        dribble(self.peer.transport, data)
+        dribble(self.peer.transport, data, self.factory.piece, self.factory.pause)
 
     def connectionLost(self, reason):
         if self.peer is not None:
             self.peer.transport.loseConnection()
 
 
-def dribble(transport, data):
+def dribble(transport, data, piece, pause):
     """
-    Queue C{data} for C{transport}, to be written a piece per millisecond,
-    in order.
+    Queue C{data} for C{transport}, to be written C{piece} bytes at a time,
+    C{pause} seconds apart, in order.
     """
     queue = transport.__dict__.setdefault("dribbleQueue", [])
     idle = not queue
-    queue.extend(data[i : i + Dribble.PIECE] for i in range(0, len(data), Dribble.PIECE))
+    queue.extend(data[i : i + piece] for i in range(0, len(data), piece))
     if idle:
-        reactor.callLater(0.001, _dribbleNext, transport, queue)
+        _dribbleCalls.append(reactor.callLater(pause, _dribbleNext, transport, queue, pause))
 
 
-def _dribbleNext(transport, queue):
+def _dribbleNext(transport, queue, pause):
     transport.write(queue.pop(0))
     if queue:
-        reactor.callLater(0.001, _dribbleNext, transport, queue)
+        _dribbleCalls.append(reactor.callLater(pause, _dribbleNext, transport, queue, pause))
+
+
+# What the relays still have to write, cancelled when a test ends.
+_dribbleCalls = []
+
+
+def cancelDribbles():
+    while _dribbleCalls:
+        call = _dribbleCalls.pop()
+        if call.active():
+            call.cancel()
 
 
 def timeout(d, seconds=20):
@@ -227,12 +236,16 @@ class RatsTlsTransportTests(unittest.TestCase):
             self.assertEqual(set(threads), {threading.get_ident()})
 
     @defer.inlineCallbacks
-    def test_recordsInPiecesAreReceivedWhole(self):
+    def dribbledPair(self, piece, pause):
         """
-        Records that arrive in several segments are received only once whole
-        (SO_RCVLOWAT holds the read back): no receive ever meets half a
-        record, which the real library would log as an ERROR each time.
+        A connected pair whose client-to-server bytes go through a
+        L{Dribble} relay in pieces of C{piece} bytes, C{pause} seconds
+        apart; the server transport's receives that find no whole record and
+        the low-water marks it sets are recorded.
+
+        @return: client, server, the not-ready receives, the low-water marks.
         """
+        self.addCleanup(cancelDribbles)
         self.serverFactory = CollectorFactory()
         port = yield RatsTlsServerEndpoint(reactor, 0, settings(), interface="127.0.0.1").listen(
             self.serverFactory
@@ -240,6 +253,7 @@ class RatsTlsTransportTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         relayFactory = protocol.Factory.forProtocol(Dribble)
         relayFactory.target = port.getHost().port
+        relayFactory.piece, relayFactory.pause = piece, pause
         relay = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(relayFactory)
         self.addCleanup(relay.stopListening)
         endpoint = RatsTlsClientEndpoint(reactor, "127.0.0.1", relay.getHost().port, settings())
@@ -264,6 +278,16 @@ class RatsTlsTransportTests(unittest.TestCase):
 
         transport.session.receive = countingReceive
         transport._setLowWater = recordingSetLowWater
+        return client, server, notReady, lowWater
+
+    @defer.inlineCallbacks
+    def test_recordsInPiecesAreReceivedWhole(self):
+        """
+        Records that arrive in several segments are received only once whole
+        (SO_RCVLOWAT holds the read back): no receive ever meets half a
+        record, which the real library would log as an ERROR each time.
+        """
+        client, server, notReady, lowWater = yield self.dribbledPair(700, 0.001)
         payload = os.urandom(300_000)
         for i in range(0, len(payload), 40_000):
             client.transport.write(payload[i : i + 40_000])
@@ -271,6 +295,29 @@ class RatsTlsTransportTests(unittest.TestCase):
         self.assertEqual(bytes(server.received), payload)
         self.assertEqual(notReady, [])
         self.assertGreater(max(lowWater), ratstransport.RECORD_HEADER, "no record came in pieces")
+
+    @defer.inlineCallbacks
+    def test_readableBelowLowWaterReadsAnyway(self):
+        """
+        When the kernel reports the socket readable although the low-water
+        mark for the record at its head is not met, it wants the queue
+        drained (its memory is full of small segments, or the window nearly
+        shut): the part is read rather than waited on, or the window never
+        opens again (the stress test found this as a busy loop, then a
+        stall of minutes).  The data still arrives intact.
+        """
+        client, server, notReady, lowWater = yield self.dribbledPair(8000, 0.5)
+        payload = os.urandom(50_000)
+        client.transport.write(payload)
+        for _ in range(100):
+            if lowWater and max(lowWater) > ratstransport.RECORD_HEADER:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(notReady, [], "the reactor read before the record was whole")
+        server.transport.doRead()  # as the kernel's wake-up below the mark does
+        self.assertEqual(len(notReady), 1)
+        yield timeout(server.waitFor(len(payload)), 30)
+        self.assertEqual(bytes(server.received), payload)
 
     @defer.inlineCallbacks
     def test_backpressure(self):
