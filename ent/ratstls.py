@@ -1,9 +1,12 @@
 """
 A cffi binding (ABI mode: nothing to compile at install) to librats_tls.so.
 
-It offers a blocking API, one L{RatsTlsSession} per connection, meant to be
-driven from threads: every call into the library releases the GIL.  The
-Twisted transport built on it lives elsewhere.
+It offers one L{RatsTlsSession} per connection: a blocking handshake, then
+receive and transmit on the blocking fd or, once it is made non-blocking,
+calls that return at once when the socket is not ready.  Every call into
+the library releases the GIL, and no session is ever entered by two threads
+at once (OpenSSL's SSL objects are not thread-safe).  The Twisted transport
+built on it lives elsewhere.
 
 Two struct layouts of C{rats_tls_conf_t} exist in the wild (see
 shared/RATS-TLS.md); L{load} tells them apart by the symbols the library

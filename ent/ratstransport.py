@@ -41,7 +41,7 @@ from ent.errors import RatsTlsClosed, RatsTlsError
 # (it is resumed once they are all out).
 HIGH_WATER = 512 * 1024
 # Records taken from the session per readable event: bounds what one
-# connection does per reactor turn, and what arrives after pauseProducing.
+# connection does per reactor turn.
 RECORDS_PER_READ = 16
 # Capacity of one receive; a TLS record carries at most 16 KiB.
 RECEIVE_SIZE = 65536
@@ -52,12 +52,6 @@ RECORD_HEADER = 5
 HANDSHAKE_TIMEOUT = 10.0
 # How long loseConnection waits for buffered data before aborting.
 CLOSE_TIMEOUT = 1.0
-
-
-def _startThread(name, target, *args):
-    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-    thread.start()
-    return thread
 
 
 def inThread(reactor, name, function, *args):
@@ -75,7 +69,7 @@ def inThread(reactor, name, function, *args):
         else:
             reactor.callFromThread(d.callback, result)
 
-    _startThread(name, run)
+    threading.Thread(target=run, name=name, daemon=True).start()
     return d
 
 
