@@ -5,9 +5,13 @@ Start-up configures the host (TUN, nftables table, policy route) and undoes
 every step already done if a later one fails; stop undoes them all.
 """
 
+import shutil
+
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
+from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
 from ent import hostconfig, netfilter, tun
@@ -73,6 +77,10 @@ class AgentService(MultiService):
         self.link = None
         self._writeErrors = set()
         self._undo = []
+        # The TUN whose fail_closed chain follows the gateway link, and the
+        # last nft command on it (the next waits for it, so they apply in order).
+        self._failClosed = None
+        self._gatewayRules = None
         self.client = ClientService(
             endpoint,
             GatewayLinkFactory(self),
@@ -94,14 +102,16 @@ class AgentService(MultiService):
         o = self.options
         name = o["tun-name"]
         interface = o["tun-interface"]
-        capture = o["role"] == "capture"
+        mappings = o.get("mappings", ())
+        captureFrom = tuple(o.get("capture-from", ()))
         fd = tun.openTun(name)
         self.tun = tun.TunTransport(
             fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor
         )
         self.stats.tun = self.tun.stats
         self._undo.append(self._closeTun)
-        ports = list(o["dports"]) if capture else []
+        ports = list(dict.fromkeys(m.port for m in mappings))
+        captures = [[m.proto, m.port, m.address, source] for m in mappings for source in ("lo", *captureFrom)]
         gatewayPort = o.get("gateway-port")
         policy = hostconfig.run("policy-plan", name=name, ports=ports, table=o["route-table"],
                                 gatewayPort=gatewayPort) or {}
@@ -116,23 +126,52 @@ class AgentService(MultiService):
             )
             return
         record = netfilter.AgentRecord(policy.get("table"), policy.get("priority"), gatewayPort)
-        if capture:
-            plan = netfilter.CapturePlan(name, o["dports"], str(o["peer-addr"]), o["tunnel-port"], record)
-        else:
-            plan = netfilter.ReplayPlan(name, o["replay"], o["tunnel-port"], record)
+        plan = netfilter.AgentPlan(name, str(interface.ip), mappings, o.get("exposures", ()), record, captureFrom)
         self._undo.append(lambda: netfilter.remove(name))
         netfilter.install(plan)
+        if mappings:
+            self._failClosed = name
         if policy:
             self._undo.append(lambda: hostconfig.run("policy-down", name=name, table=policy["table"]))
-            hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, **policy)
+            hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, captures=captures,
+                           **policy)
+        services = [_describe(item) for item in (*mappings, *o.get("exposures", ()))]
         self.log.info(
-            "TUN {tun} up as {address}, mtu {mtu}; {role} "
-            "{ports} via tunnel port {tunnelPort} to {peer}{route}",
+            "TUN {tun} up as {address}, mtu {mtu}; {role} {services}{route}; "
+            "from the tunnel only {accepted}",
             tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
-            ports=",".join(map(str, o["dports"])) if capture else o["replay"],
-            tunnelPort=o["tunnel-port"], peer=str(o["peer-addr"]),
+            services=", ".join(services), peer=str(o["peer-addr"]),
+            accepted="exposed services, ping and replies" if o["role"] == "replay" else "ping and replies",
             route=" (route table {table}, rule priority {priority})".format(**policy) if policy else "",
         )
+
+    def _gatewayState(self, up):
+        """
+        Let captured connections into the TUN while the gateway is
+        connected; refuse them at once (TCP reset, ICMP unreachable) while
+        it is not.  nft runs as a child process, off the reactor's path.
+        """
+        if self._failClosed is None:
+            return
+        argv = netfilter.gatewayCommand(self._failClosed, up)
+
+        def run(_):
+            return getProcessOutputAndValue(shutil.which("nft") or "/usr/sbin/nft", argv, reactor=self.reactor)
+
+        def check(result):
+            out, err, code = result
+            if code != 0:
+                self.log.error("nft could not {action} captured connections: {error}",
+                               action="admit" if up else "refuse", error=err.decode(errors="replace").strip())
+            else:
+                self.log.info("captured connections {state}", state="admitted" if up else "refused")
+
+        def failed(reason):
+            self.log.error("nft did not run: {error}", error=reason.getErrorMessage())
+
+        if self._gatewayRules is None:
+            self._gatewayRules = succeed(None)
+        self._gatewayRules.addCallback(run).addCallbacks(check, failed)
 
     def unconfigureHost(self):
         """
@@ -188,6 +227,8 @@ class AgentService(MultiService):
     def linkUp(self, link):
         self.link = link
         self.log.info("connected to gateway {peer}", leg=link.leg, peer=link.peerName())
+        if not self.stopping:
+            self._gatewayState(up=True)
         if self.tun is not None and not self.stopping:
             link.transport.registerProducer(Valve(self.tun), True)
             self.tun.resumeProducing()
@@ -196,6 +237,8 @@ class AgentService(MultiService):
         if link is not self.link:
             return
         self.link = None
+        if not self.stopping:
+            self._gatewayState(up=False)
         if self.tun is not None:
             self.tun.pauseProducing()
         self.log.warn(
@@ -235,3 +278,12 @@ class AgentService(MultiService):
                 "TUN {tun} refused a packet: {reason} (further ones are counted)",
                 tun=self.options["tun-name"], leg="tun", reason=error.strerror,
             )
+
+
+def _describe(item):
+    """
+    One mapping or exposure as the log line says it.
+    """
+    if hasattr(item, "tunAddress"):
+        return f"{item.address or '*'}:{item.port}/{item.proto} -> {item.tunAddress}:{item.tunPort}"
+    return f"{item.tunPort}/{item.proto} -> {item.host or 'local'}:{item.port}"
