@@ -5,16 +5,14 @@ Start-up configures the host (TUN, nftables table, policy route) and undoes
 every step already done if a later one fails; stop undoes them all.
 """
 
-import shutil
-
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
 from ent import hostconfig, netfilter, tun
+from ent.guard import TableGuard
 from ent.errors import EntError
 from ent.flow import Valve
 from ent.framing import HEADER_SIZE, frameSequence
@@ -77,10 +75,8 @@ class AgentService(MultiService):
         self.link = None
         self._writeErrors = set()
         self._undo = []
-        # The TUN whose fail_closed chain follows the gateway link, and the
-        # last nft command on it (the next waits for it, so they apply in order).
-        self._failClosed = None
-        self._gatewayRules = None
+        # The running side of the nftables table, once installed.
+        self.guard = None
         self.client = ClientService(
             endpoint,
             GatewayLinkFactory(self),
@@ -111,7 +107,7 @@ class AgentService(MultiService):
         self.stats.tun = self.tun.stats
         self._undo.append(self._closeTun)
         ports = list(dict.fromkeys(m.port for m in mappings))
-        captures = [[m.proto, m.port, m.address, source] for m in mappings for source in ("lo", *captureFrom)]
+        captures = _captures(mappings, captureFrom)
         gatewayPort = o.get("gateway-port")
         policy = hostconfig.run("policy-plan", name=name, ports=ports, table=o["route-table"],
                                 gatewayPort=gatewayPort) or {}
@@ -129,8 +125,7 @@ class AgentService(MultiService):
         plan = netfilter.AgentPlan(name, str(interface.ip), mappings, o.get("exposures", ()), record, captureFrom)
         self._undo.append(lambda: netfilter.remove(name))
         netfilter.install(plan)
-        if mappings:
-            self._failClosed = name
+        self.guard = TableGuard(name, self.stats, self.reactor, failClosed=bool(mappings))
         if policy:
             self._undo.append(lambda: hostconfig.run("policy-down", name=name, table=policy["table"]))
             hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, captures=captures,
@@ -144,34 +139,6 @@ class AgentService(MultiService):
             accepted="exposed services, ping and replies" if o["role"] == "replay" else "ping and replies",
             route=" (route table {table}, rule priority {priority})".format(**policy) if policy else "",
         )
-
-    def _gatewayState(self, up):
-        """
-        Let captured connections into the TUN while the gateway is
-        connected; refuse them at once (TCP reset, ICMP unreachable) while
-        it is not.  nft runs as a child process, off the reactor's path.
-        """
-        if self._failClosed is None:
-            return
-        argv = netfilter.gatewayCommand(self._failClosed, up)
-
-        def run(_):
-            return getProcessOutputAndValue(shutil.which("nft") or "/usr/sbin/nft", argv, reactor=self.reactor)
-
-        def check(result):
-            out, err, code = result
-            if code != 0:
-                self.log.error("nft could not {action} captured connections: {error}",
-                               action="admit" if up else "refuse", error=err.decode(errors="replace").strip())
-            else:
-                self.log.info("captured connections {state}", state="admitted" if up else "refused")
-
-        def failed(reason):
-            self.log.error("nft did not run: {error}", error=reason.getErrorMessage())
-
-        if self._gatewayRules is None:
-            self._gatewayRules = succeed(None)
-        self._gatewayRules.addCallback(run).addCallbacks(check, failed)
 
     def unconfigureHost(self):
         """
@@ -197,6 +164,8 @@ class AgentService(MultiService):
             self.unconfigureHost()
             raise
         self.stats.start()
+        if self.guard is not None and self.options.get("metrics"):
+            self.guard.startCounting()
         MultiService.startService(self)
 
     def stopService(self):
@@ -213,6 +182,8 @@ class AgentService(MultiService):
 
         def cleanUp(result):
             self.stats.stop()
+            if self.guard is not None:
+                self.guard.stopCounting()
             self.unconfigureHost()
             self.log.info(
                 "agent stopped: {packetsOut} packets sent, {packetsIn} received",
@@ -227,9 +198,17 @@ class AgentService(MultiService):
     def linkUp(self, link):
         self.link = link
         self.log.info("connected to gateway {peer}", leg=link.leg, peer=link.peerName())
-        if not self.stopping:
-            self._gatewayState(up=True)
-        if self.tun is not None and not self.stopping:
+        if self.stopping:
+            return
+        admitted = self.guard.gateway(up=True) if self.guard is not None else succeed(None)
+        admitted.addCallback(lambda _: self._carry(link))
+
+    def _carry(self, link):
+        """
+        Read the TUN into C{link}, once captured connections are admitted:
+        what the TUN carries before then would meet the refusing rules.
+        """
+        if self.link is link and self.tun is not None and not self.stopping:
             link.transport.registerProducer(Valve(self.tun), True)
             self.tun.resumeProducing()
 
@@ -237,8 +216,8 @@ class AgentService(MultiService):
         if link is not self.link:
             return
         self.link = None
-        if not self.stopping:
-            self._gatewayState(up=False)
+        if self.guard is not None and not self.stopping:
+            self.guard.gateway(up=False)
         if self.tun is not None:
             self.tun.pauseProducing()
         self.log.warn(
@@ -287,3 +266,16 @@ def _describe(item):
     if hasattr(item, "tunAddress"):
         return f"{item.address or '*'}:{item.port}/{item.proto} -> {item.tunAddress}:{item.tunPort}"
     return f"{item.tunPort}/{item.proto} -> {item.host or 'local'}:{item.port}"
+
+
+def _captures(mappings, captureFrom):
+    """
+    The policy rules of C{mappings}, as [proto, port, address, interface]:
+    the host's own connections by what the app asked for; those routed from
+    C{captureFrom} by where prerouting DNAT sent them, which is what routing
+    sees for them, so that they too meet the unreachable route if the TUN
+    is gone.
+    """
+    own = [[m.proto, m.port, m.address, "lo"] for m in mappings]
+    routed = [[m.proto, m.tunPort, m.tunAddress, source] for source in captureFrom for m in mappings]
+    return own + routed

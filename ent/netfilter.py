@@ -137,14 +137,11 @@ def _acceptExposed(plan, local):
     """
     Accept new connections to the exposed ports (of this host when
     C{local}, else those DNATed to another host): after NAT the port seen is
-    the service's, so match the port the tunnel asked for.
+    the service's, so match the port the tunnel asked for.  One rule per
+    port: nft lists a set of ct proto-dst values as "[invalid type]".
     """
-    lines = []
-    chosen = [e for e in plan.exposures if (e.host is None) == local]
-    for proto, group in _grouped(chosen, lambda e: e.proto):
-        lines.append(f"ct original ip daddr {plan.tunAddress} meta l4proto {proto} "
-                     f"ct original proto-dst {_portSet([e.tunPort for e in group])} accept")
-    return lines
+    return [f"ct original ip daddr {plan.tunAddress} meta l4proto {e.proto} ct original proto-dst {e.tunPort} accept"
+            for e in plan.exposures if (e.host is None) == local]
 
 
 def _chain(name, lines, hook=None, kind="nat", priority=None):
@@ -163,8 +160,9 @@ FAIL_CLOSED_CHAIN = "fail_closed"
 
 def failClosedRules(tunName):
     """
-    Refuse new connections that our output chain sent into the TUN (so
-    DNATed): TCP with a reset, the rest with ICMP port unreachable.
+    Refuse new connections that our NAT sent into the TUN (so DNATed), the
+    host's own and those it routes (--capture-from): TCP with a reset, the
+    rest with ICMP port unreachable.
     """
     match = f'oifname "{tunName}" ct state new ct status dnat'
     return [f"{match} meta l4proto tcp reject with tcp reset", f"{match} reject"]
@@ -208,10 +206,14 @@ def rulesFor(plan):
         f"ip daddr {plan.tunAddress} icmp type echo-request accept",
         f'counter name "input_dropped" drop {comment}',
     ]
+    forward = [f'iifname "{tun}" jump through_tunnel']
     if plan.mappings:
-        text += _chain(FAIL_CLOSED_CHAIN, failClosedRules(tun), "output", kind="filter")
+        # Captured connections, the host's own and those it routes.
+        text += _chain(FAIL_CLOSED_CHAIN, failClosedRules(tun))
+        text += _chain("leaving", [f'oifname "{tun}" jump {FAIL_CLOSED_CHAIN}'], "output", kind="filter")
+        forward.append(f'oifname "{tun}" jump {FAIL_CLOSED_CHAIN}')
     text += _chain("input", [f'iifname "{tun}" jump from_tunnel'], "input", kind="filter")
-    text += _chain("forward", [f'iifname "{tun}" jump through_tunnel'], "forward", kind="filter")
+    text += _chain("forward", forward, "forward", kind="filter")
     text += _chain("from_tunnel", contained)
     forwarded = [
         "ct state established,related accept",

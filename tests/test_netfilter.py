@@ -125,9 +125,10 @@ class ServiceRulesTests(unittest.TestCase):
             'iifname "tun0" tcp dport 80 redirect to :8080',
             'iifname "tun0" udp dport 53 redirect to :5353',
         ])
-        self.assertEqual(lines(rules, "from_tunnel")[:3], [
+        self.assertEqual(lines(rules, "from_tunnel")[:4], [
             "ct state established,related accept",
-            "ct original ip daddr 192.168.0.254 meta l4proto tcp ct original proto-dst { 80, 7 } accept",
+            "ct original ip daddr 192.168.0.254 meta l4proto tcp ct original proto-dst 80 accept",
+            "ct original ip daddr 192.168.0.254 meta l4proto tcp ct original proto-dst 7 accept",
             "ct original ip daddr 192.168.0.254 meta l4proto udp ct original proto-dst 53 accept",
         ])
         self.assertNotIn("fail_closed", rules)
@@ -159,7 +160,8 @@ class ServiceRulesTests(unittest.TestCase):
             'oifname "tun0" ct state new ct status dnat reject',
         ]
         self.assertEqual(lines(rules, "fail_closed"), refuse)
-        self.assertIn("type filter hook output priority 0", rules)
+        self.assertEqual(lines(rules, "leaving"), ['oifname "tun0" jump fail_closed'])
+        self.assertIn('oifname "tun0" jump fail_closed', lines(rules, "forward"))
         self.assertEqual(netfilter.gatewayCommand("tun0", True), ["flush chain ip ent_tun0 fail_closed"])
         down, = netfilter.gatewayCommand("tun0", False)
         self.assertEqual(down.split("; "), ["flush chain ip ent_tun0 fail_closed"] +
