@@ -20,7 +20,7 @@ import time
 
 from twisted.trial import unittest
 
-from ent.topology import ADDRESS, ECHOSVR, Tunnel
+from ent.topology import ADDRESS, ECHOSVR, Topology, Tunnel
 from tests.checks import METRICS, scrapeIn
 from tests.netns import requireRoot
 
@@ -331,3 +331,74 @@ class CaptureFromTests(unittest.TestCase):
         self.assertIn("connection from 192.168.0.1:", s.log("echo"))
         rules = t.exec("client", "ip", "rule").stdout
         self.assertIn("from all to 192.168.0.254 iif vbox ipproto tcp dport 7 lookup 6978 proto 231", rules)
+
+
+class BothRolesOnOneHostTests(unittest.TestCase):
+    """
+    Each host runs a client agent and a server agent at once, on two
+    tunnels: what one tunnel exposes is reachable through it, not through
+    the other.
+
+        tunnel a: client host tun0 --map 10.3.0.2:7  ->  server host tun0 --expose 7
+        tunnel b: server host tunb --map 10.1.0.1:9  ->  client host tunb --expose 9
+    """
+
+    def test_clientAndServerAgentsSideBySide(self):
+        requireRoot(self)
+        t = Topology(logdir=tempfile.mkdtemp(prefix="ent-roles-")).__enter__()
+        self.addCleanup(shutil.rmtree, t.logdir, True)
+        self.addCleanup(t.destroy)
+        t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7", name="echo-7")
+        t.start("client", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "9", name="echo-9")
+        for name, agentPort, peerPort in (("a", 6980, 6979), ("b", 6990, 6989)):
+            t.twistd("gw2", "entg", "--entg-listen", str(peerPort), "--enta-listen", str(agentPort),
+                     name=f"gw2-{name}")
+            t.twistd("gw1", "entg", "--entg-connect", f"{ADDRESS['gw2']}:{peerPort}",
+                     "--enta-listen", str(agentPort), name=f"gw1-{name}")
+        gw1, gw2 = ADDRESS["gw1.agent"], ADDRESS["gw2.agent"]
+        t.twistd("server", "enta", "--expose", "7", "--entg-connect", f"{gw2}:6980", name="server-a")
+        t.twistd("client", "enta", "--map", f"{SERVER}:7=192.168.0.254:7", "--entg-connect", f"{gw1}:6980",
+                 name="client-a")
+        t.twistd("client", "enta", "--expose", "9", "--tun-name", "tunb", "--tun-addr", "192.168.1.254/24",
+                 "--peer-addr", "192.168.1.1", "--entg-connect", f"{gw1}:6990", name="client-b")
+        t.twistd("server", "enta", "--map", f"{ADDRESS['client']}:9=192.168.1.254:9", "--tun-name", "tunb",
+                 "--tun-addr", "192.168.1.1/24", "--peer-addr", "192.168.1.254", "--entg-connect", f"{gw2}:6990",
+                 name="server-b")
+        # Each host's capturing agent, and the far end of its tunnel.
+        for host, far, agent in (("client", "192.168.0.254", "client-a"), ("server", "192.168.1.254", "server-b")):
+            t.waitFor(lambda: t.exec(host, "ping", "-c", "1", "-W", "1", far).returncode == 0, timeout=30)
+            with open(f"{t.logdir}/{agent}.log") as log:
+                self.assertIn("captured connections admitted", log.read())
+
+        def echo(host, address, port):
+            result = t.exec(host, sys.executable, ECHOSVR, "client", "--host", address, "--port", str(port),
+                            "--bytes", "100000", "--timeout", "20", timeout=60)
+            return result.returncode == 0 and "content PASS" in result.stdout
+
+        self.assertTrue(echo("client", SERVER, 7), "tunnel a")
+        self.assertTrue(echo("server", ADDRESS["client"], 9), "tunnel b")
+        # The client host's port 9 is exposed on tunnel b only.
+        self.assertIn("timed out", connect(t, "server", "192.168.0.1", 9))
+        self.assertEqual(connect(t, "server", "192.168.1.254", 9), "connected")
+        self.assertGreater(dropped(t, "client"), 0)
+
+
+class ExposeToAnotherHostTests(unittest.TestCase):
+    """
+    --expose TUNPORT=HOST:PORT: the server host forwards the connection to
+    another host of its network, which sees the server host as the client.
+    """
+
+    def test_forwardedToTheServersNeighbour(self):
+        s = ServicesTunnel(self, clientRole=["--map", f"{SERVER}:8=192.168.0.254:8"],
+                           serverRole=["--expose", f"8={ADDRESS['gw2.agent']}:8"])
+        t = s.topology
+        t.exec("server", "sysctl", "-qw", "net.ipv4.ip_forward=1", check=True)
+        t.start("gw2", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "8", name="neighbour")
+        t.waitFor(listening(t, "gw2", 8))
+        echo = t.exec("client", sys.executable, ECHOSVR, "client", "--host", SERVER, "--port", "8",
+                      "--bytes", "1000000", "--timeout", "30", timeout=60)
+        self.assertEqual(echo.returncode, 0, echo.stdout + echo.stderr + s.tunnel.logs())
+        self.assertIn("content PASS", echo.stdout)
+        self.assertIn(f"connection from {SERVER}:", s.log("neighbour"))
+        self.assertEqual(dropped(t, "server", "forward_dropped"), 0)
