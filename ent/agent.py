@@ -132,9 +132,10 @@ class AgentService(MultiService):
                            **policy)
         services = [_describe(item) for item in (*mappings, *o.get("exposures", ()))]
         self.log.info(
-            "TUN {tun} up as {address}, mtu {mtu}; {role} {services}{route}; "
+            "TUN {tun} up as {address}, mtu {mtu}; {carries} {services}{route}; "
             "from the tunnel only {accepted}",
             tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
+            carries="maps" if mappings else "exposes",
             services=", ".join(services), peer=str(o["peer-addr"]),
             accepted="exposed services, ping and replies" if o["role"] == "replay" else "ping and replies",
             route=" (route table {table}, rule priority {priority})".format(**policy) if policy else "",

@@ -70,6 +70,26 @@ except OSError as e:
 """
 
 
+UDP_PROBE = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    s.send(b"probe")
+    print("answered" if s.recv(100) == b"probe" else "garbled")
+except OSError as e:
+    print(e)
+"""
+
+
+def udpProbe(topology, host, address, port):
+    """
+    One datagram to a UDP echo and its answer: "answered", or why not.
+    """
+    return topology.exec(host, sys.executable, "-c", UDP_PROBE, address, str(port)).stdout.strip()
+
+
 def connect(topology, host, address, port, timeout=3):
     """
     Try one TCP connection from C{host}: "connected" or "failed after Ns: why".
@@ -199,6 +219,7 @@ table ip leakwatch {{
   chain post {{
     type filter hook postrouting priority 0; policy accept;
     ip daddr {SERVER} tcp dport 7 counter name leaked
+    ip daddr {SERVER} udp dport 53 counter name leaked
     oifname "dlc" counter name direct
   }}
 }}
@@ -211,6 +232,7 @@ table netdev leakwatch {{
   chain in {{
     type filter hook ingress device "dls" priority 0; policy accept;
     ip daddr {SERVER} tcp dport 7 counter name arrived
+    ip daddr {SERVER} udp dport 53 counter name arrived
     ip daddr {SERVER} tcp dport 8 counter name control
   }}
 }}
@@ -232,8 +254,9 @@ class FailClosedTests(unittest.TestCase):
 
     def setUp(self):
         requireRoot(self)
-        self.s = ServicesTunnel(self, clientRole=["--map", f"{SERVER}:7=192.168.0.254:7"],
-                                serverRole=["--expose", "7"])
+        self.s = ServicesTunnel(
+            self, clientRole=["--map", f"{SERVER}:7=192.168.0.254:7", "--map", f"{SERVER}:53/udp=192.168.0.254:53"],
+            serverRole=["--expose", "7", "--expose", "53/udp=5353"])
         self.tunnel = self.s.tunnel
         self.t = t = self.s.topology
         # The direct link, only between namespaces this test made.
@@ -265,6 +288,7 @@ class FailClosedTests(unittest.TestCase):
         self.assertGreater(counted(t, "server", "netdev", "control"), 0)
         self.assertGreater(counted(t, "client", "ip", "direct"), 0)
         self.assertWorksThroughTheTunnel()
+        self.assertEqual(udpProbe(t, "client", SERVER, 53), "answered")
         self.assertNoLeak()
 
         # The gateway goes away: refused at once.
@@ -272,6 +296,8 @@ class FailClosedTests(unittest.TestCase):
         t.waitFor(lambda: "captured connections refused at once" in self.s.log("client-enta"))
         result = connect(t, "client", SERVER, 7, timeout=10)
         self.assertRegex(result, r"^failed after 0\.\d\ds: \[Errno 111\] Connection refused$")
+        # The datagram is rejected on its way out: send() itself fails.
+        self.assertEqual(udpProbe(t, "client", SERVER, 53), "[Errno 1] Operation not permitted")
         self.assertNoLeak()
         self.tunnel.startService("gw1")
         t.waitFor(lambda: connect(t, "client", SERVER, 7) == "connected", timeout=30)
@@ -282,11 +308,13 @@ class FailClosedTests(unittest.TestCase):
         for _ in range(3):
             result = connect(t, "client", SERVER, 7, timeout=10)
             self.assertRegex(result, r"^failed after 0\.\d\ds: \[Errno 113\] No route to host$")
+        self.assertEqual(udpProbe(t, "client", SERVER, 53), "[Errno 113] No route to host")
         time.sleep(0.5)
         self.assertNoLeak()
         self.tunnel.startService("client")
         t.waitFor(self.tunnel.tunnelUp, timeout=30)
         self.assertWorksThroughTheTunnel()
+        self.assertEqual(udpProbe(t, "client", SERVER, 53), "answered")
         self.assertNoLeak()
 
         # Killed again, and cleaned up by the operator: the host's own routes again.
