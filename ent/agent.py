@@ -7,10 +7,12 @@ every step already done if a later one fails; stop undoes them all.
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
+from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from ent import hostconfig, netfilter, tun
+from ent.guard import TableGuard
 from ent.errors import EntError
 from ent.flow import Valve
 from ent.framing import HEADER_SIZE, frameSequence
@@ -73,6 +75,8 @@ class AgentService(MultiService):
         self.link = None
         self._writeErrors = set()
         self._undo = []
+        # The running side of the nftables table, once installed.
+        self.guard = None
         self.client = ClientService(
             endpoint,
             GatewayLinkFactory(self),
@@ -94,14 +98,16 @@ class AgentService(MultiService):
         o = self.options
         name = o["tun-name"]
         interface = o["tun-interface"]
-        capture = o["role"] == "capture"
+        mappings = o.get("mappings", ())
+        captureFrom = tuple(o.get("capture-from", ()))
         fd = tun.openTun(name)
         self.tun = tun.TunTransport(
             fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor
         )
         self.stats.tun = self.tun.stats
         self._undo.append(self._closeTun)
-        ports = list(o["dports"]) if capture else []
+        ports = list(dict.fromkeys(m.port for m in mappings))
+        captures = _captures(mappings, captureFrom)
         gatewayPort = o.get("gateway-port")
         policy = hostconfig.run("policy-plan", name=name, ports=ports, table=o["route-table"],
                                 gatewayPort=gatewayPort) or {}
@@ -116,21 +122,22 @@ class AgentService(MultiService):
             )
             return
         record = netfilter.AgentRecord(policy.get("table"), policy.get("priority"), gatewayPort)
-        if capture:
-            plan = netfilter.CapturePlan(name, o["dports"], str(o["peer-addr"]), o["tunnel-port"], record)
-        else:
-            plan = netfilter.ReplayPlan(name, o["replay"], o["tunnel-port"], record)
+        plan = netfilter.AgentPlan(name, str(interface.ip), mappings, o.get("exposures", ()), record, captureFrom)
         self._undo.append(lambda: netfilter.remove(name))
         netfilter.install(plan)
+        self.guard = TableGuard(name, self.stats, self.reactor, failClosed=bool(mappings))
         if policy:
             self._undo.append(lambda: hostconfig.run("policy-down", name=name, table=policy["table"]))
-            hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, **policy)
+            hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, captures=captures,
+                           **policy)
+        services = [_describe(item) for item in (*mappings, *o.get("exposures", ()))]
         self.log.info(
-            "TUN {tun} up as {address}, mtu {mtu}; {role} "
-            "{ports} via tunnel port {tunnelPort} to {peer}{route}",
+            "TUN {tun} up as {address}, mtu {mtu}; {carries} {services}{route}; "
+            "from the tunnel only {accepted}",
             tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
-            ports=",".join(map(str, o["dports"])) if capture else o["replay"],
-            tunnelPort=o["tunnel-port"], peer=str(o["peer-addr"]),
+            carries="maps" if mappings else "exposes",
+            services=", ".join(services), peer=str(o["peer-addr"]),
+            accepted="exposed services, ping and replies" if o["role"] == "replay" else "ping and replies",
             route=" (route table {table}, rule priority {priority})".format(**policy) if policy else "",
         )
 
@@ -158,6 +165,8 @@ class AgentService(MultiService):
             self.unconfigureHost()
             raise
         self.stats.start()
+        if self.guard is not None and self.options.get("metrics"):
+            self.guard.startCounting()
         MultiService.startService(self)
 
     def stopService(self):
@@ -174,6 +183,8 @@ class AgentService(MultiService):
 
         def cleanUp(result):
             self.stats.stop()
+            if self.guard is not None:
+                self.guard.stopCounting()
             self.unconfigureHost()
             self.log.info(
                 "agent stopped: {packetsOut} packets sent, {packetsIn} received",
@@ -188,7 +199,17 @@ class AgentService(MultiService):
     def linkUp(self, link):
         self.link = link
         self.log.info("connected to gateway {peer}", leg=link.leg, peer=link.peerName())
-        if self.tun is not None and not self.stopping:
+        if self.stopping:
+            return
+        admitted = self.guard.gateway(up=True) if self.guard is not None else succeed(None)
+        admitted.addCallback(lambda _: self._carry(link))
+
+    def _carry(self, link):
+        """
+        Read the TUN into C{link}, once captured connections are admitted:
+        what the TUN carries before then would meet the refusing rules.
+        """
+        if self.link is link and self.tun is not None and not self.stopping:
             link.transport.registerProducer(Valve(self.tun), True)
             self.tun.resumeProducing()
 
@@ -196,6 +217,8 @@ class AgentService(MultiService):
         if link is not self.link:
             return
         self.link = None
+        if self.guard is not None and not self.stopping:
+            self.guard.gateway(up=False)
         if self.tun is not None:
             self.tun.pauseProducing()
         self.log.warn(
@@ -235,3 +258,25 @@ class AgentService(MultiService):
                 "TUN {tun} refused a packet: {reason} (further ones are counted)",
                 tun=self.options["tun-name"], leg="tun", reason=error.strerror,
             )
+
+
+def _describe(item):
+    """
+    One mapping or exposure as the log line says it.
+    """
+    if hasattr(item, "tunAddress"):
+        return f"{item.address or '*'}:{item.port}/{item.proto} -> {item.tunAddress}:{item.tunPort}"
+    return f"{item.tunPort}/{item.proto} -> {item.host or 'local'}:{item.port}"
+
+
+def _captures(mappings, captureFrom):
+    """
+    The policy rules of C{mappings}, as [proto, port, address, interface]:
+    the host's own connections by what the app asked for; those routed from
+    C{captureFrom} by where prerouting DNAT sent them, which is what routing
+    sees for them, so that they too meet the unreachable route if the TUN
+    is gone.
+    """
+    own = [[m.proto, m.port, m.address, "lo"] for m in mappings]
+    routed = [[m.proto, m.tunPort, m.tunAddress, source] for source in captureFrom for m in mappings]
+    return own + routed

@@ -36,9 +36,10 @@ def _policyPlan(spec):
 
 def _policyUp(spec):
     from ent.netfilter import records
-    from ent.routing import PolicyRoute, installPolicy
+    from ent.routing import Capture, PolicyRoute, installPolicy
 
-    policy = PolicyRoute(spec["name"], tuple(spec["ports"]), spec["table"], spec["priority"])
+    captures = tuple(Capture(*capture) for capture in spec.get("captures", ()))
+    policy = PolicyRoute(spec["name"], tuple(spec["ports"]), spec["table"], spec["priority"], captures)
     installPolicy(policy, spec.get("gatewayPort"), records())
 
 

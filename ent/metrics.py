@@ -63,6 +63,15 @@ class StatsCollector:
             yield from self._tun(stats.tun)
         if stats.relay is not None:
             yield from self._relay(stats.relay)
+        if stats.tunnelDrops is not None:
+            contained = CounterMetricFamily(
+                "ent_tunnel_dropped",
+                "Packets from the tunnel that containment dropped (the table's nftables counters, "
+                "read every few seconds), by hook: input (to this host), forward (through it).",
+                labels=["hook"])
+            for hook, packets in sorted(stats.tunnelDrops.items()):
+                contained.add_metric([hook], packets)
+            yield contained
 
     @staticmethod
     def _legs(stats):

@@ -47,31 +47,27 @@ class AgentRecord:
 
 
 @dataclass(frozen=True)
-class CapturePlan:
+class AgentPlan:
     """
-    Client side: send the app's TCP connections to C{ports} into the tunnel,
-    rewritten to the far agent's tunnel address and service port.
-    """
-
-    tunName: str
-    ports: tuple
-    peerAddress: str
-    tunnelPort: int
-    record: AgentRecord = field(default_factory=AgentRecord)
-
-
-@dataclass(frozen=True)
-class ReplayPlan:
-    """
-    Server side: connections arriving from the tunnel at C{tunnelPort} are
-    redirected to the local service at C{port}.
+    Everything an agent asks of netfilter: its C{mappings} (client side,
+    L{ent.services.Mapping}) sent into the TUN, its C{exposures} (server
+    side, L{ent.services.Exposure}) handed to their services, and
+    containment: from the TUN only exposed services, ICMP echo to
+    C{tunAddress} and replies to what this host opened are accepted; the
+    rest is dropped and counted.  C{captureFrom} names interfaces whose
+    routed connections are captured too.
     """
 
     tunName: str
-    port: int
-    tunnelPort: int
+    tunAddress: str
+    mappings: tuple = ()
+    exposures: tuple = ()
     record: AgentRecord = field(default_factory=AgentRecord)
+    captureFrom: tuple = ()
 
+
+# The named counters of the drops containment makes, by hook.
+DROP_COUNTERS = ("input_dropped", "forward_dropped")
 
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -96,31 +92,136 @@ def _portSet(ports):
     return "{ " + ", ".join(str(p) for p in ports) + " }"
 
 
-def _comment(plan):
-    return f' comment "{plan.record.comment()}"'
+def _grouped(items, key):
+    """
+    Items with the same C{key} together, in the order first seen, so that
+    rules differing only in the port become one rule on a set.
+    """
+    groups = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups.items()
+
+
+def _mappingRules(plan, match):
+    """
+    The DNAT of each mapping; C{match} says where the packet comes from or
+    goes to.
+    """
+    lines = []
+    specific = sorted(plan.mappings, key=lambda m: m.address is None)
+    for (proto, address, tunAddress, tunPort), group in _grouped(
+            specific, lambda m: (m.proto, m.address, m.tunAddress, m.tunPort)):
+        destination = f"ip daddr {address} " if address else ""
+        lines.append(f"{match} {destination}{proto} dport {_portSet([m.port for m in group])} "
+                     f"dnat to {tunAddress}:{tunPort}")
+    return lines
+
+
+def _exposureRules(plan):
+    """
+    Exposed services: redirected to a local port or DNATed to another host;
+    one that keeps its port on this host needs no NAT at all.
+    """
+    lines = []
+    for exposure in plan.exposures:
+        match = f'iifname "{plan.tunName}" {exposure.proto} dport {exposure.tunPort}'
+        if exposure.host is not None:
+            lines.append(f"{match} dnat to {exposure.host}:{exposure.port}")
+        elif exposure.port != exposure.tunPort:
+            lines.append(f"{match} redirect to :{exposure.port}")
+    return lines
+
+
+def _acceptExposed(plan, local):
+    """
+    Accept new connections to the exposed ports (of this host when
+    C{local}, else those DNATed to another host): after NAT the port seen is
+    the service's, so match the port the tunnel asked for.  One rule per
+    port: nft lists a set of ct proto-dst values as "[invalid type]".
+    """
+    return [f"ct original ip daddr {plan.tunAddress} meta l4proto {e.proto} ct original proto-dst {e.tunPort} accept"
+            for e in plan.exposures if (e.host is None) == local]
+
+
+def _chain(name, lines, hook=None, kind="nat", priority=None):
+    """
+    A chain of C{lines}; a base chain (policy accept) when C{hook} is given.
+    """
+    if hook is not None:
+        priority = (-100 if kind == "nat" else 0) if priority is None else priority
+        lines = [f"type {kind} hook {hook} priority {priority}; policy accept;", *lines]
+    return f"  chain {name} {{\n" + "".join(f"    {line}\n" for line in lines) + "  }\n"
+
+
+# While the gateway is away, new captured connections are refused here.
+FAIL_CLOSED_CHAIN = "fail_closed"
+
+
+def failClosedRules(tunName):
+    """
+    Refuse new connections that our NAT sent into the TUN (so DNATed), the
+    host's own and those it routes (--capture-from): TCP with a reset, the
+    rest with ICMP port unreachable.
+    """
+    match = f'oifname "{tunName}" ct state new ct status dnat'
+    return [f"{match} meta l4proto tcp reject with tcp reset", f"{match} reject"]
+
+
+def gatewayCommand(tunName, up):
+    """
+    nft's arguments that let captured connections through while the
+    gateway is connected (C{up}) and refuse them while it is not: one
+    command, applied atomically.
+    """
+    chain = f"ip {tableName(tunName)} {FAIL_CLOSED_CHAIN}"
+    commands = [f"flush chain {chain}"]
+    if not up:
+        commands += [f"add rule {chain} {rule}" for rule in failClosedRules(tunName)]
+    return ["; ".join(commands)]
 
 
 def rulesFor(plan):
     """
     The body of ENT's table for C{plan}, in nft syntax.
     """
-    if isinstance(plan, CapturePlan):
-        return (
-            "  chain output {\n"
-            "    type nat hook output priority -100; policy accept;\n"
-            f'    oifname "{plan.tunName}" tcp dport {_portSet(plan.ports)} '
-            f"dnat to {plan.peerAddress}:{plan.tunnelPort}{_comment(plan)}\n"
-            "  }\n"
-        )
-    if isinstance(plan, ReplayPlan):
-        return (
-            "  chain prerouting {\n"
-            "    type nat hook prerouting priority -100; policy accept;\n"
-            f'    iifname "{plan.tunName}" tcp dport {plan.tunnelPort} '
-            f"redirect to :{plan.port}{_comment(plan)}\n"
-            "  }\n"
-        )
-    raise TypeError(f"unknown plan {plan!r}")
+    tun = plan.tunName
+    comment = f'comment "{plan.record.comment()}"'
+    text = "".join(f"  counter {name} {{ }}\n" for name in DROP_COUNTERS)
+    if plan.mappings:
+        text += _chain("output", _mappingRules(plan, f'oifname "{tun}"'), "output")
+    prerouting = _exposureRules(plan)
+    for interface in plan.captureFrom:
+        prerouting += _mappingRules(plan, f'iifname "{interface}"')
+    if prerouting:
+        text += _chain("prerouting", prerouting, "prerouting")
+    postrouting = [f'iifname "{i}" oifname "{tun}" masquerade' for i in plan.captureFrom]
+    if any(e.host is not None for e in plan.exposures):
+        postrouting.append(f'iifname "{tun}" ct status dnat masquerade')
+    if postrouting:
+        text += _chain("postrouting", postrouting, "postrouting", priority=100)
+    contained = [
+        "ct state established,related accept",
+        *_acceptExposed(plan, local=True),
+        f"ip daddr {plan.tunAddress} icmp type echo-request accept",
+        f'counter name "input_dropped" drop {comment}',
+    ]
+    forward = [f'iifname "{tun}" jump through_tunnel']
+    if plan.mappings:
+        # Captured connections, the host's own and those it routes.
+        text += _chain(FAIL_CLOSED_CHAIN, failClosedRules(tun))
+        text += _chain("leaving", [f'oifname "{tun}" jump {FAIL_CLOSED_CHAIN}'], "output", kind="filter")
+        forward.append(f'oifname "{tun}" jump {FAIL_CLOSED_CHAIN}')
+    text += _chain("input", [f'iifname "{tun}" jump from_tunnel'], "input", kind="filter")
+    text += _chain("forward", forward, "forward", kind="filter")
+    text += _chain("from_tunnel", contained)
+    forwarded = [
+        "ct state established,related accept",
+        *_acceptExposed(plan, local=False),
+        'counter name "forward_dropped" drop',
+    ]
+    text += _chain("through_tunnel", forwarded)
+    return text
 
 
 def installScript(plan):

@@ -22,6 +22,7 @@ from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
 from ent.legs import LegSecurity, RatsTlsChoice
 from ent.netfilter import tableName
+from ent.services import Exposure, Mapping, checkUnique, parseExposure, parseMapping
 from ent.tls import TlsFiles
 
 CLIENT_TUN_ADDRESS = "192.168.0.1"
@@ -246,10 +247,11 @@ class EntaOptions(SecurityOptions):
     command = "enta"
     synopsis = "[options]"
     longdesc = (
-        "ENTA: carry this host's TCP connections through the tunnel. "
-        "With --dport it captures the app's connections to those ports "
-        "(client host); with --replay it hands the tunnel's connections "
-        "to a local port (server host). With neither it is a bare TUN "
+        "ENTA: carry this host's connections through the tunnel. "
+        "With --map (or ENG's --dport) it captures the app's connections "
+        "(client host); with --expose (or ENG's --replay) it hands the "
+        "tunnel's connections to local services (server host), and accepts "
+        "nothing else from the tunnel. With none of these it is a bare TUN "
         "endpoint, as ENG's plain agent: it installs no rules and carries "
         "whatever the host routes into the TUN."
     )
@@ -281,6 +283,33 @@ class EntaOptions(SecurityOptions):
     def __init__(self):
         usage.Options.__init__(self)
         self["dports"] = []
+        self["maps"] = []
+        self["exposes"] = []
+        self["capture-from"] = []
+
+    def opt_capture_from(self, value):
+        """
+        Also capture the connections routed through this host that arrive on
+        interface IFACE (a container bridge or a VM's veth); repeatable.
+        """
+        if not _INTERFACE_NAME.fullmatch(value) or len(value.encode()) > 15:
+            raise usage.UsageError(f"--capture-from {value!r} is not an interface name")
+        if value not in self["capture-from"]:
+            self["capture-from"].append(value)
+
+    def opt_map(self, value):
+        """
+        Send the app's connections to [ADDR:]PORT[/udp] to TUNADDR:PORT inside
+        the tunnel (client host; any address when ADDR is left out); repeatable.
+        """
+        self["maps"].append(_usage(parseMapping)(value))
+
+    def opt_expose(self, value):
+        """
+        Hand what arrives from the tunnel on TUNPORT[/udp] to [HOST:]PORT
+        (server host; default this host, the same port); repeatable.
+        """
+        self["exposes"].append(_usage(parseExposure)(value))
 
     def opt_dport(self, value):
         """
@@ -298,9 +327,15 @@ class EntaOptions(SecurityOptions):
     def postOptions(self):
         self.checkObservability()
         replay = self["replay"]
-        if self["dports"] and replay is not None:
-            raise ConfigurationError("--dport and --replay exclude each other")
-        self["role"] = "replay" if replay is not None else "capture" if self["dports"] else "bare"
+        client = "--dport" if self["dports"] else "--map" if self["maps"] else None
+        server = "--replay" if replay is not None else "--expose" if self["exposes"] else None
+        if client and server:
+            raise ConfigurationError(f"{client} and {server} exclude each other")
+        self["role"] = "replay" if server else "capture" if client else "bare"
+        if self["capture-from"] and not client:
+            raise ConfigurationError(
+                f"--capture-from {self['capture-from'][0]} captures for --map or --dport: give one"
+            )
         if replay is not None:
             self["replay"] = parsePort(replay, "--replay")
         self["dports"] = tuple(dict.fromkeys(self["dports"]))
@@ -319,6 +354,7 @@ class EntaOptions(SecurityOptions):
         self._checkBesideOthers()
         self._tunAddress()
         self._peerAddress()
+        self._services()
         self["entg-security"] = self.legSecurity("entg", self["entg-connect"], "entg-tls-name")
 
     def _checkBesideOthers(self):
@@ -340,10 +376,12 @@ class EntaOptions(SecurityOptions):
         tableName(self["tun-name"])
         self["gateway-port"] = tcpPortOf(self["entg-connect"])
         metrics = self["metrics"] and tcpPortOf(self["metrics"], server=True)
+        captured = {p: f"--dport {p}" for p in self["dports"]}
+        captured.update((m.port, m.flag) for m in self["maps"] if m.proto == "tcp")
         for port, what in ((self["gateway-port"], "the gateway's port (--entg-connect)"),
                            (metrics, "the --metrics port")):
-            if port in self["dports"]:
-                raise ConfigurationError(f"--dport {port} is {what}: capturing it would loop into the tunnel")
+            if port in captured:
+                raise ConfigurationError(f"{captured[port]} is {what}: capturing it would loop into the tunnel")
 
     def _tunAddress(self):
         local = SERVER_TUN_ADDRESS if self["role"] == "replay" else CLIENT_TUN_ADDRESS
@@ -397,6 +435,27 @@ class EntaOptions(SecurityOptions):
                 f"not an agent's"
             )
         self["peer-addr"] = peer
+
+
+    def _services(self):
+        """
+        The mappings and exposures, ENG's flags as their special cases:
+        --dport PORT is --map PORT=PEER:6978, --replay PORT is
+        --expose 6978=PORT.
+        """
+        o = self
+        tunnelPort = o["tunnel-port"]
+        dports = [Mapping("tcp", None, p, str(o["peer-addr"]), tunnelPort, f"--dport {p}") for p in o["dports"]]
+        o["mappings"] = checkUnique(dports + o["maps"])
+        replay = [Exposure("tcp", tunnelPort, None, o["replay"], f"--replay {o['replay']}")] if o["replay"] else []
+        o["exposures"] = checkUnique(replay + o["exposes"])
+        interface = o["tun-interface"]
+        for mapping in o["maps"]:
+            target = ipaddress.IPv4Address(mapping.tunAddress)
+            if target not in interface.network or target == interface.ip:
+                raise ConfigurationError(
+                    f"{mapping.flag}: {target} is not a far agent's address in the TUN network {interface.network}"
+                )
 
 
 def _specialAddress(address, network):

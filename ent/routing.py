@@ -3,7 +3,10 @@ The policy route that sends captured connections into the TUN.
 
 Captured destinations have no route of their own; a policy rule on the
 destination port sends them to a table whose default route is the TUN, so
-connect() succeeds and the source address is the TUN's.  Our rules carry a
+connect() succeeds and the source address is the TUN's.  Behind that route
+the table holds an unreachable one: when the TUN is gone (the agent was
+killed) captured connections fail at once instead of falling through to
+the main table and leaving in plain by another route.  Our rules carry a
 protocol tag; the table's default route names the agent they belong to (its
 oif is that agent's TUN), so several agents on one host each find exactly
 their own and never touch another's.
@@ -30,6 +33,21 @@ DEFAULT_PRIORITY = 6978
 # Automatic tables and rule priorities come from this range, one number
 # per agent for both; all of it lies before the main table's rule (32766).
 SLOTS = 1000
+# The metric of the unreachable route, behind the TUN's (metric 0).
+FAIL_CLOSED_METRIC = 65535
+
+
+@dataclass(frozen=True)
+class Capture:
+    """
+    One policy rule: C{proto} packets to C{port} (and C{address}, if given)
+    that enter by C{interface} ("lo": this host's own) go to the table.
+    """
+
+    proto: str
+    port: int
+    address: str = None
+    interface: str = "lo"
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,13 @@ class PolicyRoute:
     ports: tuple
     table: int = DEFAULT_TABLE
     priority: int = DEFAULT_PRIORITY
+    captures: tuple = ()
+
+    def rules(self):
+        """
+        The rules to add: the C{captures}, or TCP to each of C{ports}.
+        """
+        return self.captures or tuple(Capture("tcp", port) for port in self.ports)
 
 
 @dataclass
@@ -103,8 +128,10 @@ def readState(ipr, records):
         state.tables.add(table)
         if route.get("proto") == RTPROT_ENT and route.get("dst_len") == 0:
             claim = state.claims.setdefault(table, Claim(table))
-            claim.tunName = names.get(route.get_attr("RTA_OIF"))
-            claim.alive = True
+            if route.get_attr("RTA_OIF") is not None:
+                # The TUN's route; the unreachable one outlives the agent.
+                claim.tunName = names.get(route.get_attr("RTA_OIF"))
+                claim.alive = True
     for name, record in records.items():
         claim = state.claims.get(record.routeTable)
         if claim is not None and claim.tunName is None:
@@ -214,6 +241,9 @@ def removePolicy(table, tunName, records=None, ipr=None):
         removed = 0
         for rule in ipr.get_rules(family=socket.AF_INET):
             if rule.get_attr("FRA_PROTOCOL") == RTPROT_ENT and rule.get_attr("FRA_TABLE") == table:
+                destination = {}
+                if rule.get_attr("FRA_DST"):
+                    destination = {"dst": rule.get_attr("FRA_DST"), "dst_len": rule["dst_len"]}
                 ipr.rule(
                     "del",
                     table=table,
@@ -222,11 +252,13 @@ def removePolicy(table, tunName, records=None, ipr=None):
                     dport_range=rule.get_attr("FRA_DPORT_RANGE"),
                     iifname=rule.get_attr("FRA_IIFNAME"),
                     ip_proto=rule.get_attr("FRA_IP_PROTO"),
+                    **destination,
                 )
                 removed += 1
         for route in ipr.route("dump", table=table):
             if route.get("proto") == RTPROT_ENT:
-                ipr.route("del", table=table, dst="0.0.0.0/0", oif=route.get_attr("RTA_OIF"))
+                ipr.route("del", table=table, dst="0.0.0.0/0", oif=route.get_attr("RTA_OIF"),
+                          type=route["type"], priority=route.get_attr("RTA_PRIORITY"))
     except NetlinkError as e:
         raise _wrap(f"removing policy routing of table {table}", e)
     if removed:
@@ -243,7 +275,10 @@ def claimPolicy(tunName, ports, table, gatewayPort, records):
         with IPRoute() as ipr:
             policy, stale = planPolicy(readState(ipr, records), tunName, ports, table, gatewayPort)
             for old in stale:
-                removePolicy(old, tunName, records, ipr)
+                # The table the new agent takes keeps failing closed until
+                # its rules replace these (installPolicy).
+                if policy is None or old != policy.table:
+                    removePolicy(old, tunName, records, ipr)
     except NetlinkError as e:
         raise _wrap("reading the policy rules", e)
     return policy
@@ -274,16 +309,30 @@ def installPolicy(policy, gatewayPort=None, records=None):
     )
 
 
+_IP_PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+
+
+def ruleArguments(policy, capture):
+    """
+    pyroute2's arguments for the rule of C{capture}.
+    """
+    arguments = dict(
+        table=policy.table,
+        priority=policy.priority,
+        protocol=RTPROT_ENT,
+        iifname=capture.interface,
+        ip_proto=_IP_PROTO[capture.proto],
+        dport_range=f"{capture.port}:{capture.port}",
+    )
+    if capture.address is not None:
+        arguments.update(dst=capture.address, dst_len=32)
+    return arguments
+
+
 def _add(ipr, policy):
     (index,) = ipr.link_lookup(ifname=policy.tunName)
+    ipr.route("add", dst="0.0.0.0/0", type="unreachable", table=policy.table, proto=RTPROT_ENT,
+              priority=FAIL_CLOSED_METRIC)
     ipr.route("add", dst="0.0.0.0/0", oif=index, table=policy.table, proto=RTPROT_ENT)
-    for port in policy.ports:
-        ipr.rule(
-            "add",
-            table=policy.table,
-            priority=policy.priority,
-            protocol=RTPROT_ENT,
-            iifname="lo",
-            ip_proto=socket.IPPROTO_TCP,
-            dport_range=f"{port}:{port}",
-        )
+    for capture in policy.rules():
+        ipr.rule("add", **ruleArguments(policy, capture))

@@ -157,6 +157,8 @@ class ServiceStats:
         # The agent's TUN counters, the relay's connection counters.
         self.tun = None
         self.relay = None
+        # The agent's containment drops ({hook: packets}), when it reads them.
+        self.tunnelDrops = None
 
     def start(self):
         self.started = self.clock.seconds()

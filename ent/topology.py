@@ -183,7 +183,7 @@ class Tunnel:
     Topology plus ENT's four services and an echo server on the server host.
     """
 
-    def __init__(self, agentArgs=(), gatewayArgs=(), logdir=None, hostArgs=None, waitUp=True):
+    def __init__(self, agentArgs=(), gatewayArgs=(), logdir=None, hostArgs=None, waitUp=True, roleArgs=None):
         self.ownLogdir = logdir is None
         self.logdir = logdir or tempfile.mkdtemp(prefix="ent-")
         self.topology = Topology(logdir=self.logdir)
@@ -191,6 +191,8 @@ class Tunnel:
         self.gatewayArgs = list(gatewayArgs)
         # Extra arguments of one host's service, e.g. its own certificate.
         self.hostArgs = dict(hostArgs or {})
+        # What each agent carries, instead of ENG's --dport 7 / --replay 7.
+        self.roleArgs = {"client": ["--dport", "7"], "server": ["--replay", "7"], **(roleArgs or {})}
         self.waitUp = waitUp
         self.services = {}
 
@@ -240,10 +242,10 @@ class Tunnel:
             args = ["entg", "--entg-connect", f"{ADDRESS['gw2']}:6979", "--enta-listen", "6980",
                     *self.gatewayArgs]
         elif host == "server":
-            args = ["enta", "--replay", "7", "--entg-connect", f"{ADDRESS['gw2.agent']}:6980",
+            args = ["enta", *self.roleArgs["server"], "--entg-connect", f"{ADDRESS['gw2.agent']}:6980",
                     *self.agentArgs]
         else:
-            args = ["enta", "--dport", "7", "--entg-connect", f"{ADDRESS['gw1.agent']}:6980",
+            args = ["enta", *self.roleArgs["client"], "--entg-connect", f"{ADDRESS['gw1.agent']}:6980",
                     *self.agentArgs]
         process = t.twistd(host, *args, *self.hostArgs.get(host, ()))
         self.services[host] = process

@@ -37,14 +37,16 @@ class FaultTests(unittest.TestCase):
         return code
 
     def test_agentKill9ThenRestartReplacesStaleState(self):
-        self.assertEqual(self.ourState("client"), {"tuns": 1, "tables": 1, "rules": 1, "routes": 1})
+        # Two routes: through the TUN, and the unreachable one behind it.
+        self.assertEqual(self.ourState("client"), {"tuns": 1, "tables": 1, "rules": 1, "routes": 2})
         self.assertEqual(self.restart("client"), -signal.SIGKILL)
         stale = self.ourState("client")
         self.assertEqual(stale["tuns"], 0, "the TUN dies with its process")
-        self.assertEqual((stale["tables"], stale["rules"]), (1, 1), "a killed agent leaves these")
+        self.assertEqual((stale["tables"], stale["rules"], stale["routes"]), (1, 1, 1),
+                         "a killed agent leaves these: captured traffic meets the unreachable route")
         self.tunnel.startService("client")
         self.t.waitFor(self.tunnel.tunnelUp, timeout=30)
-        self.assertEqual(self.ourState("client"), {"tuns": 1, "tables": 1, "rules": 1, "routes": 1})
+        self.assertEqual(self.ourState("client"), {"tuns": 1, "tables": 1, "rules": 1, "routes": 2})
         echo = self.tunnel.echoClient(1000)
         self.assertEqual(echo.returncode, 0, echo.stdout + self.tunnel.logs())
         self.tunnel.stopServices()

@@ -76,3 +76,27 @@ class PlanPolicyTests(unittest.TestCase):
         e = self.assertRaises(RoutingError, planPolicy, state, "tun0", (6990,), None, 7000)
         self.assertEqual(str(e), "--dport 6990 would capture the gateway connection of the agent on tun1")
         self.assertEqual(planPolicy(state, "tun0", (), None, 7000), (None, []))
+
+
+class RuleArgumentsTests(unittest.TestCase):
+    def test_engsDportIsTcpFromThisHost(self):
+        from ent.routing import ruleArguments
+
+        args = ruleArguments(PolicyRoute("tun0", (7,), 6978, 6979), PolicyRoute("tun0", (7,)).rules()[0])
+        self.assertEqual(args, dict(table=6978, priority=6979, protocol=231, iifname="lo", ip_proto=6,
+                                    dport_range="7:7"))
+
+    def test_mappingWithAddressFromAnInterface(self):
+        from ent.routing import Capture, ruleArguments
+
+        capture = Capture("udp", 53, "10.3.0.2", "vbox")
+        args = ruleArguments(PolicyRoute("tun0", (53,), 6978, 6978, (capture,)), capture)
+        self.assertEqual((args["iifname"], args["ip_proto"], args["dst"], args["dst_len"]), ("vbox", 17, "10.3.0.2", 32))
+
+
+class CleanupTests(unittest.TestCase):
+    def test_onlyAgentsWhoseTunIsGone(self):
+        from ent.cleanup import leftBehind
+
+        records = {"tun0": AgentRecord(6978, 6978), "tun1": AgentRecord(6979, 6979), "srv": AgentRecord()}
+        self.assertEqual(leftBehind(records, {"lo", "tun1", "eth0"}), ["srv", "tun0"])
