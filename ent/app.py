@@ -189,6 +189,7 @@ def makeGatewayService(options, reactor):
         )
         service = GatewayService(
             agentListen, reactor, peerConnect=peerConnect, peerListen=peerListen, stats=stats,
+            allowedIps=options["allowed-ips"], agentToAgent=bool(options["agent-to-agent"]),
         )
         return guarded("entg", service, options, reactor)
 

@@ -334,7 +334,8 @@ class EntgOptions(SecurityOptions):
     command = "entg"
     synopsis = "[options]"
     longdesc = (
-        "ENTG: relay frames between this side's agent and the peer gateway. "
+        "ENTG: relay frames between this side's agents and the peer gateways, "
+        "each frame to the leg that owns its destination address. "
         "One gateway connects to its peer (--entg-connect), the other listens "
         "(--entg-listen, the default)."
     )
@@ -354,7 +355,41 @@ class EntgOptions(SecurityOptions):
         ["entg-tls", None, "Protect the peer gateway's leg with mutual TLS."],
         ["enta-rats-tls", None, "Protect the agent's leg with rats-tls (attested TLS)."],
         ["entg-rats-tls", None, "Protect the peer gateway's leg with rats-tls."],
+        ["agent-to-agent", None, "Route frames between agents of this gateway (dropped by default)."],
     ]
+
+    def __init__(self):
+        usage.Options.__init__(self)
+        self["allowed-ips"] = {}
+
+    def opt_allowed_ips(self, value):
+        """
+        NAME=PREFIX[,PREFIX...]: the leg whose TLS peer certificate names
+        NAME (subjectAltName DNS or IP, else CN) owns these prefixes: they
+        route to it, and an agent may send only from them. Repeatable.
+        """
+        _usage(self._allowedIps)(value)
+
+    def _allowedIps(self, value):
+        name, sep, text = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not text.strip():
+            raise ConfigurationError(f"--allowed-ips {value!r}: give NAME=PREFIX[,PREFIX...]")
+        if name in self["allowed-ips"]:
+            raise ConfigurationError(f"--allowed-ips names {name} twice")
+        prefixes = []
+        for part in text.split(","):
+            try:
+                prefixes.append(ipaddress.ip_network(part.strip()))
+            except ValueError as e:
+                raise ConfigurationError(f"--allowed-ips {name}: {e}")
+        for other, theirs in self["allowed-ips"].items():
+            for mine in prefixes:
+                clash = [str(p) for p in theirs if p.version == mine.version and p.overlaps(mine)]
+                if clash:
+                    raise ConfigurationError(
+                        f"--allowed-ips {name}: {mine} overlaps {clash[0]} of {other}")
+        self["allowed-ips"][name] = tuple(prefixes)
 
     @_usage
     def postOptions(self):
@@ -372,3 +407,6 @@ class EntgOptions(SecurityOptions):
         self["entg-security"] = self.legSecurity(
             "entg", self["entg-connect"], "entg-tls-name", listen=self["entg-listen"]
         )
+        if self["allowed-ips"] and "tls" not in (self["enta-security"].kind, self["entg-security"].kind):
+            raise ConfigurationError(
+                "--allowed-ips names TLS identities: give --enta-tls or --entg-tls")

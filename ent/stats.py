@@ -30,6 +30,11 @@ DROP_REASONS = {
     "tun_write_failed": "the kernel refused the packet on the TUN",
     "other_side_not_connected": "the other side of the gateway is not connected",
     "connection_limit": "connection refused: the limit of open connections is reached",
+    "no_route": "no leg owns the destination, and the other side has more than one leg",
+    "source_not_owned": "the agent sent from an address it does not own",
+    "agent_to_agent": "from one agent to another on the same gateway (see --agent-to-agent)",
+    "peer_to_peer": "from one peer gateway to another",
+    "address_in_use": "connection refused: its address or prefix belongs to a live leg",
 }
 
 
@@ -154,9 +159,11 @@ class ServiceStats:
         self.drops = DropReporter(clock, service)
         self.legs = {}
         self.handshakeFailures = Counter()
-        # The agent's TUN counters, the relay's connection counters.
+        # The agent's TUN counters, the relay's connection counters, the
+        # gateway's router (its legs, for status).
         self.tun = None
         self.relay = None
+        self.router = None
 
     def start(self):
         self.started = self.clock.seconds()

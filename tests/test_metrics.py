@@ -63,7 +63,8 @@ class DropReasonTests(unittest.TestCase):
     exposition under its own leg and reason.
     """
 
-    scenarios = ("framingErrorsOnTheGateway", "otherSideNotConnected", "badPacketsOnTheAgent",
+    scenarios = ("framingErrorsOnTheGateway", "otherSideNotConnected", "routingOnTheGateway",
+                 "badPacketsOnTheAgent",
                  "tunSideDropsOnTheAgent", "connectionLimitOnTheRelay")
 
     def gateway(self):
@@ -130,6 +131,23 @@ class DropReasonTests(unittest.TestCase):
         connect("agent").dataReceived(frame(ipv4(b"a")) + frame(ipv4(b"b")))
         return stats, {("agent", "other_side_not_connected"): 2}
 
+    def routingOnTheGateway(self):
+        from tests.test_router import packet
+
+        stats, clock, connect = self.gateway()
+        a, b = connect("agent"), connect("agent")
+        p1, p2 = connect("peer"), connect("peer")
+        a.dataReceived(frame(packet("10.0.0.1", "10.0.0.2")))  # a owns .1; two peers, no route
+        b.dataReceived(frame(packet("10.0.0.3", "10.0.0.1")))  # b owns .3; to agent a
+        p1.dataReceived(frame(packet("10.9.0.1", "10.0.0.9")))  # two agents, no route
+        p2.dataReceived(frame(packet("10.9.0.2", "10.9.0.1")))  # to peer p1
+        b.dataReceived(frame(packet("10.0.0.1", "10.9.0.1")))  # a's address: b is refused
+        return stats, {
+            ("agent", "no_route"): 1, ("agent", "agent_to_agent"): 1, ("peer", "no_route"): 1,
+            ("peer", "peer_to_peer"): 1, ("agent", "source_not_owned"): 1,
+            ("agent", "address_in_use"): 1,
+        }
+
     def badPacketsOnTheAgent(self):
         agent = self.agent()
         link = GatewayLink(agent)
@@ -191,7 +209,7 @@ class CollectorTests(unittest.TestCase):
         self.assertEqual(found.value("ent_leg_packets_total", leg="peer", direction="sent"), 2)
         self.assertEqual(found.value("ent_leg_bytes_total", leg="peer", direction="sent"), len(data))
         self.assertEqual(found.value("ent_leg_up", leg="agent"), 1)
-        # A second agent replaces the first: the leg stays up, one reconnect.
+        # A second agent comes, the first goes: the leg stays up, one reconnect.
         second = RelayLeg(hub, "agent")
         second.makeConnection(StringTransport())
         agent.connectionLost(Failure(ConnectionDone()))

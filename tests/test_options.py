@@ -120,6 +120,28 @@ class EntgOptionsTests(unittest.TestCase):
         e = self.assertRaises(usage.UsageError, entg, "--entg-listen", "ten")
         self.assertIn("neither [ADDR:]PORT", str(e))
 
+    def test_allowedIps(self):
+        tls = ("--enta-tls", "--tls-cert", "c.pem", "--tls-key", "c.key", "--tls-ca", "ca.pem")
+        o = entg(*tls, "--allowed-ips", "client=192.168.0.0/24,fd00::/64",
+                 "--allowed-ips", "10.1.0.1=192.168.1.1/32", "--agent-to-agent")
+        self.assertEqual(o["allowed-ips"], {
+            "client": (ipaddress.ip_network("192.168.0.0/24"), ipaddress.ip_network("fd00::/64")),
+            "10.1.0.1": (ipaddress.ip_network("192.168.1.1/32"),),
+        })
+        self.assertTrue(o["agent-to-agent"])
+        self.assertEqual(entg()["allowed-ips"], {})
+        for argv, message in (
+            (["--allowed-ips", "client"], "give NAME=PREFIX"),
+            (["--allowed-ips", "client=192.168.0.1/24"], "has host bits set"),
+            (["--allowed-ips", "a=10.0.0.0/8", "--allowed-ips", "b=10.1.0.0/16"],
+             "b: 10.1.0.0/16 overlaps 10.0.0.0/8 of a"),
+            (["--allowed-ips", "a=10.0.0.0/8", "--allowed-ips", "a=11.0.0.0/8"], "names a twice"),
+        ):
+            e = self.assertRaises(usage.UsageError, entg, *tls, *argv)
+            self.assertIn(message, str(e))
+        e = self.assertRaises(usage.UsageError, entg, "--allowed-ips", "a=10.0.0.0/8")
+        self.assertIn("give --enta-tls or --entg-tls", str(e))
+
 
 class SecurityOptionsTests(unittest.TestCase):
     def test_plainByDefault(self):
