@@ -13,8 +13,8 @@ from twisted.logger import Logger
 from ent import hostconfig, netfilter, tun
 from ent.errors import EntError
 from ent.flow import Valve
-from ent.framing import HEADER_SIZE, frameSequence
-from ent.packets import wellFormed
+from ent.framing import HEADER_SIZE, frame, frameSequence
+from ent.packets import announcement, wellFormed
 from ent.protocols.framed import FramedLeg
 from ent.stats import ServiceStats
 
@@ -188,6 +188,8 @@ class AgentService(MultiService):
     def linkUp(self, link):
         self.link = link
         self.log.info("connected to gateway {peer}", leg=link.leg, peer=link.peerName())
+        if self.options.get("announce"):
+            link.transport.write(frame(announcement(self.options["tun-interface"].ip)))
         if self.tun is not None and not self.stopping:
             link.transport.registerProducer(Valve(self.tun), True)
             self.tun.resumeProducing()

@@ -215,6 +215,10 @@ class EntaOptions(SecurityOptions):
     optFlags = [
         ["entg-tls", None, "Protect the leg to the gateway with mutual TLS (--tls-cert, --tls-key, --tls-ca)."],
         ["entg-rats-tls", None, "Protect the leg to the gateway with rats-tls (attested TLS)."],
+        ["announce", None,
+         "On connecting, send the gateway one packet from the TUN address to itself, so a gateway "
+         "with several agents routes to this one before it sends anything (ENG's gateway passes "
+         "it on; the far kernel drops it)."],
     ]
 
     def __init__(self):

@@ -46,6 +46,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 
 from ent.framing import HEADER, HEADER_SIZE
+from ent.packets import isAnnouncement
 from ent.stats import DROP_REASONS
 
 OTHER = {"agent": "peer", "peer": "agent"}
@@ -346,6 +347,16 @@ class Router:
             return None, "peer_to_peer"
         return target, None
 
+    def announced(self, source, address):
+        """
+        Take an agent's announcement (L{ent.packets.announcement}) as its
+        claim of C{address}; return the drop reason if the claim fails.
+        """
+        if source.side == "agent":
+            return self._checkAgentSource(source, address)
+        self._learnPeerSource(source, address)
+        return None
+
     def _default(self, side, reason):
         """
         The only leg of the other side, or why there is none.
@@ -375,13 +386,15 @@ class Router:
             start = offset + HEADER_SIZE
             src, dst = addressesOf(frames, start, length)
             cache = source.routeCache
-            if cache[0] == self.generation and cache[1] == src and cache[2] == dst:
+            if src == dst and src is not None and isAnnouncement(frames, start, length):
+                target, reason = None, self.announced(source, src)
+            elif cache[0] == self.generation and cache[1] == src and cache[2] == dst:
                 target, reason = cache[3], cache[4]
             else:
                 target, reason = route(source, src, dst)
                 source.routeCache = (self.generation, src, dst, target, reason)
             seen += 1
-            if target is None:
+            if reason is not None:
                 self._dropped(source, reason, dst)
                 if source.refused:
                     # Refused by this frame: nothing more of it is read.

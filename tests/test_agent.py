@@ -67,6 +67,18 @@ class AgentDataPathTests(unittest.TestCase):
         self.assertIs(link.transport.producer.producer, self.tun)
         self.assertTrue(link.transport.streaming)
 
+    def test_announceOnConnecting(self):
+        """
+        With --announce the first frame on every new link is the agent's
+        announcement; without it the link carries only the TUN's packets.
+        """
+        from ent.framing import frame
+        from ent.packets import announcement
+
+        self.assertEqual(self.connect().transport.value(), b"")
+        self.agent.options["announce"] = True
+        self.assertEqual(self.connect().transport.value(), frame(announcement("192.168.0.1")))
+
     def test_tunBatchSentFramed(self):
         link = self.connect()
         packets = [b"\x45" * 20, b"\x60" * 40]

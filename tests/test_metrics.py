@@ -263,6 +263,41 @@ class MetricsHttpTests(unittest.TestCase):
         code = await deferToThread(status.main, ["--metrics", url])
         self.assertEqual(code, status.UP)
 
+    async def test_gatewayLegsOneByOne(self):
+        """
+        A gateway's legs are counted by side in the metrics, and listed one
+        by one on /legs and in the status summary.
+        """
+        from tests.test_router import FakeIdentityTransport, packet
+
+        stats = ServiceStats("entg", reactor)
+        hub = RelayHub(stats, reactor)
+        legs = []
+        for side, names in (("agent", ["client"]), ("agent", None), ("peer", None)):
+            leg = RelayLeg(hub, side)
+            leg.makeConnection(FakeIdentityTransport(names or []))
+            legs.append(leg)
+        legs[0].dataReceived(frame(packet("192.168.0.1", "10.9.0.1")))
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(metricsSite(stats))
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/metrics"
+        found = status.Scrape(await deferToThread(status.fetch, url, 5))
+        self.assertEqual(found.value("ent_gateway_legs", side="agent"), 2)
+        self.assertEqual(found.value("ent_gateway_legs", side="peer"), 1)
+        self.assertEqual(found.value("ent_gateway_addresses", side="agent"), 1)
+        listed = json.loads(await deferToThread(status.fetch, status.legsUrl(url), 5))
+        self.assertEqual([(leg["side"], leg["identity"]) for leg in listed],
+                         [("agent", "client"), ("agent", "-"), ("peer", "-")])
+        lines, code = status.summary(found, url, legs=listed)
+        text = "\n".join(lines)
+        self.assertIn("2 agents, 1 peer", text)
+        self.assertRegex(text, r"agent +\S+ +client +192\.168\.0\.1 +up 0:00:00; in 1 packet \(25 B\), "
+                               r"out 0 packets")
+        self.assertRegex(text, r"peer .*in 0 packets \(0 B\), out 1 packet \(25 B\)")
+        many = status.legLines([dict(listed[0], peer=f"10.1.0.{i}:1") for i in range(60)])
+        self.assertEqual(len(many), 1 + status.MAX_LEGS_SHOWN + 1)
+        self.assertIn("… and 10 more", many[-1])
+
     def test_unreachableIsExitCode2(self):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))

@@ -355,3 +355,29 @@ class ReportTests(RouterTestCase):
         self.assertEqual(rows["peer"]["up"], 5)
         self.assertEqual(rows["peer"]["identity"], "-")
         self.assertIs(peer.gate.leg, peer)
+
+
+class AnnouncementTests(RouterTestCase):
+    def test_announcementClaimsTheAddressAndGoesNowhere(self):
+        from ent.packets import announcement
+
+        a, b = self.connect("agent"), self.connect("agent")
+        peer = self.connect("peer")
+        self.send(a, announcement("192.168.0.254"))
+        self.assertEqual(self.take(peer), b"")
+        self.send(peer, packet("192.168.0.1", "192.168.0.254"))
+        self.assertEqual(self.take(a), frame(packet("192.168.0.1", "192.168.0.254")))
+        self.assertEqual(self.take(b), b"")
+        self.send(b, announcement("192.168.0.254"))
+        self.assertTrue(b.transport.disconnecting)
+        self.assertEqual(dict(self.drops.total), {("agent", "address_in_use"): 1,
+                                                  ("agent", "source_not_owned"): 1})
+
+    def test_announcementIsAValidPacket(self):
+        from ent.packets import announcement, checksum, packetProblem
+
+        packet = announcement("10.0.0.1")
+        self.assertIsNone(packetProblem(packet))
+        self.assertEqual(packet[12:16], packet[16:20])
+        # Header and ICMP checksums verify, as the far kernel checks them.
+        self.assertEqual((checksum(packet[:20]), checksum(packet[20:])), (0, 0))
