@@ -31,12 +31,15 @@ class TwoTunnels:
     ENT's services for both tunnels, and the echo server behind them.
     """
 
-    def __init__(self, testCase, sharedGateways=False, gatewayArgs=()):
+    def __init__(self, testCase, sharedGateways=False, extraArgs=lambda host, name: (), announce=None):
         """
         C{sharedGateways}: both tunnels through one gateway on each side
         (the ports of tunnel a), which routes by address; the server agents
         announce themselves, as they send nothing before they are reached.
+        C{extraArgs(host, tunnel)} gives more arguments for each service.
         """
+        announce = sharedGateways if announce is None else announce
+        self.extraArgs = extraArgs
         self.topology = t = Topology(logdir=tempfile.mkdtemp(prefix="ent-agents-")).__enter__()
         testCase.addCleanup(t.destroy)
         self.shared = sharedGateways
@@ -45,14 +48,15 @@ class TwoTunnels:
         for name in ("a",) if sharedGateways else TUNNELS:
             _, _, _, _, _, agentPort, peerPort = TUNNELS[name]
             t.twistd("gw2", "entg", "--entg-listen", str(peerPort), "--enta-listen", str(agentPort),
-                     *gatewayArgs, name=f"gw2-{name}")
+                     *extraArgs("gw2", name), name=f"gw2-{name}")
             t.twistd("gw1", "entg", "--entg-connect", f"{ADDRESS['gw2']}:{peerPort}",
-                     "--enta-listen", str(agentPort), *gatewayArgs, name=f"gw1-{name}")
+                     "--enta-listen", str(agentPort), *extraArgs("gw1", name), name=f"gw1-{name}")
         for name, (tun, dport, serverTun, client, server, agentPort, peerPort) in TUNNELS.items():
             t.twistd("server", "enta", "--replay", "7", "--tun-name", serverTun,
                      "--tun-addr", f"{server}/24", "--peer-addr", client,
                      "--entg-connect", f"{ADDRESS['gw2.agent']}:{self.agentPort(name)}",
-                     *(["--announce"] if sharedGateways else []), name=f"server-{name}")
+                     *(["--announce"] if announce else []), *extraArgs("server", name),
+                     name=f"server-{name}")
             self.startClient(name)
         for name in TUNNELS:
             self.waitUp(name)
@@ -65,7 +69,8 @@ class TwoTunnels:
         self.services[name] = self.topology.twistd(
             "client", "enta", "--dport", str(dport), "--tun-name", tun,
             "--tun-addr", f"{client}/24", "--peer-addr", server,
-            "--entg-connect", f"{ADDRESS['gw1.agent']}:{self.agentPort(name)}", name=f"client-{name}",
+            "--entg-connect", f"{ADDRESS['gw1.agent']}:{self.agentPort(name)}",
+            *self.extraArgs("client", name), name=f"client-{name}",
         )
 
     def waitUp(self, name):
