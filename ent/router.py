@@ -46,7 +46,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 
 from ent.framing import HEADER, HEADER_SIZE
-from ent.packets import isAnnouncement
+from ent.packets import ANNOUNCE_SIZE, isAnnouncement
 from ent.stats import DROP_REASONS
 
 OTHER = {"agent": "peer", "peer": "agent"}
@@ -62,19 +62,6 @@ MAX_LEARNED = {"agent": 256, "peer": 4096}
 
 def addressText(packed):
     return str(ipaddress.ip_address(bytes(packed))) if packed is not None else "?"
-
-
-def addressesOf(frame, start, length):
-    """
-    The packed (source, destination) of the IP packet at C{start}, or
-    C{(None, None)} if it is too short or not IP.
-    """
-    version = frame[start] >> 4
-    if version == 4 and length >= 20:
-        return frame[start + 12:start + 16], frame[start + 16:start + 20]
-    if version == 6 and length >= 40:
-        return frame[start + 8:start + 24], frame[start + 24:start + 40]
-    return None, None
 
 
 @implementer(IPushProducer)
@@ -372,6 +359,14 @@ class Router:
         """
         Send the whole frames in C{frames} (C{count} of them) where they go.
         """
+        sole = self._sole
+        if sole["agent"] is not None and sole["peer"] is not None:
+            # One agent, one peer: everything from the peer is the agent's,
+            # whatever its addresses (as ENG relays), and everything from
+            # the agent is the peer's if it comes from addresses it owns.
+            if source.side == "peer" or self._ownedSources(source, frames):
+                self._send(source, sole[OTHER[source.side]], [frames], len(frames), count)
+                return
         runs = []
         unpack = HEADER.unpack_from
         end = len(frames)
@@ -381,18 +376,25 @@ class Router:
         runCount = 0
         seen = 0
         route = self.route
+        generation, cachedSrc, cachedDst, cachedTarget, cachedReason = source.routeCache
         while offset < end:
             (length,) = unpack(frames, offset)
             start = offset + HEADER_SIZE
-            src, dst = addressesOf(frames, start, length)
-            cache = source.routeCache
-            if src == dst and src is not None and isAnnouncement(frames, start, length):
+            version = frames[start] >> 4
+            if version == 4 and length >= 20:
+                src, dst = frames[start + 12:start + 16], frames[start + 16:start + 20]
+            elif version == 6 and length >= 40:
+                src, dst = frames[start + 8:start + 24], frames[start + 24:start + 40]
+            else:
+                src = dst = None
+            if length == ANNOUNCE_SIZE and src == dst and isAnnouncement(frames, start, length):
                 target, reason = None, self.announced(source, src)
-            elif cache[0] == self.generation and cache[1] == src and cache[2] == dst:
-                target, reason = cache[3], cache[4]
+            elif src == cachedSrc and dst == cachedDst and generation == self.generation:
+                target, reason = cachedTarget, cachedReason
             else:
                 target, reason = route(source, src, dst)
-                source.routeCache = (self.generation, src, dst, target, reason)
+                generation, cachedSrc, cachedDst = self.generation, src, dst
+                cachedTarget, cachedReason = target, reason
             seen += 1
             if reason is not None:
                 self._dropped(source, reason, dst)
@@ -406,6 +408,7 @@ class Router:
                 current, runStart, runCount = target, offset, 0
             runCount += 1
             offset = start + length
+        source.routeCache = (generation, cachedSrc, cachedDst, cachedTarget, cachedReason)
         if current is not None:
             runs.append((current, runStart, offset, runCount))
         if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == end:
@@ -419,6 +422,33 @@ class Router:
             buffers = [frames[first:last] for first, last, _ in pieces]
             self._send(source, target, buffers, sum(last - first for first, last, _ in pieces),
                        sum(n for _, _, n in pieces))
+
+    @staticmethod
+    def _ownedSources(agent, frames):
+        """
+        Whether every frame of C{frames} is from an address C{agent} owns
+        (or is not IP), and none is an announcement.
+        """
+        owned = agent.owned
+        unpack = HEADER.unpack_from
+        end = len(frames)
+        offset = 0
+        last = None
+        while offset < end:
+            (length,) = unpack(frames, offset)
+            start = offset + HEADER_SIZE
+            offset = start + length
+            version = frames[start] >> 4
+            if version == 4 and length >= 20:
+                src = frames[start + 12:start + 16]
+            elif version == 6 and length >= 40:
+                src = frames[start + 8:start + 24]
+            else:
+                continue
+            if length == ANNOUNCE_SIZE or (src != last and src not in owned):
+                return False
+            last = src
+        return True
 
     def _send(self, source, target, buffers, size, count):
         if target is None:

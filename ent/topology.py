@@ -55,6 +55,17 @@ def twistdCommand():
     return [found]
 
 
+def residentMemory(pid):
+    """
+    Resident memory of process C{pid}, in bytes.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 class Topology:
     """
     Four namespaces joined by veth links, and the processes started in them.
@@ -212,11 +223,7 @@ class Tunnel:
         """
         Resident memory of C{host}'s ENT process, in bytes.
         """
-        with open(f"/proc/{self.services[host].pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no VmRSS for {host}")
+        return residentMemory(self.services[host].pid)
 
     def startAll(self):
         t = self.topology
