@@ -519,7 +519,7 @@ class Router:
                 configured = [str(p) for p in leg.prefixes]
                 learned = sorted(addressText(a) for a in leg.owned)
                 out.append({
-                    "side": side, "peer": leg.peerName(), "identity": leg.identityText(),
+                    "side": side, "peer": leg.peerName(), "identity": leg.identityShort(),
                     "addresses": configured or learned[:8], "addressCount": len(configured or learned),
                     "up": now - leg.since, "paused": bool(leg.holds),
                     "packetsReceived": leg.packetsReceived, "bytesReceived": leg.bytesReceived,

@@ -64,6 +64,14 @@ class RelayLeg(FramedLeg):
     def identityText(self):
         return ", ".join(self.identities) if self.identities else "-"
 
+    def identityShort(self):
+        """
+        The first name, and how many more: a certificate may carry several.
+        """
+        if len(self.identities) > 1:
+            return f"{self.identities[0]} (+{len(self.identities) - 1})"
+        return self.identityText()
+
     def identitySuffix(self):
         return f" ({self.identityText()})" if self.identities else ""
 
