@@ -152,6 +152,7 @@ class Router:
             )
             self.drops.count("address_in_use", leg=side)
             leg.refused = True
+            leg.pauseProducing()
             leg.close()
             return
         legs, others = self.legs[side], self.legs[OTHER[side]]
@@ -359,6 +360,10 @@ class Router:
         """
         Send the whole frames in C{frames} (C{count} of them) where they go.
         """
+        if source.refused:
+            # Read before its close took effect: it goes nowhere.
+            self.drops.count("source_not_owned", count, leg=source.side)
+            return
         sole = self._sole
         if sole["agent"] is not None and sole["peer"] is not None:
             # One agent, one peer: everything from the peer is the agent's,

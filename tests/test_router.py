@@ -254,8 +254,14 @@ class AllowedIpsTests(RouterTestCase):
 
     def test_sameIdentityTwiceIsRefused(self):
         first = self.connect("agent", ["client"])
+        peer = self.connect("peer")
         second = self.connect("agent", ["client"])
         self.assertTrue(second.transport.disconnecting)
+        self.assertEqual(second.transport.producerState, "paused")
+        # What it sent before its close took effect goes nowhere.
+        self.send(second, packet("192.168.0.1", "10.9.0.1"))
+        self.assertEqual(self.take(peer), b"")
+        self.assertEqual(self.drops.total[("agent", "source_not_owned")], 1)
         self.assertFalse(first.transport.disconnecting)
         self.assertEqual(self.drops.total[("agent", "address_in_use")], 1)
         self.assertNotIn(second, self.router.legs["agent"])
