@@ -5,6 +5,7 @@ C{python -m ent COMMAND}: ENT's commands that run without twistd.
 import sys
 
 from ent import versionLine
+from ent.cli import usageExit
 
 COMMANDS = {
     "status": ("ent.status", "summarise a running service from its metrics"),
@@ -18,11 +19,14 @@ def main(argv=None):
     if argv and argv[0] in ("-V", "--version"):
         print(versionLine("ent"))
         return 0
-    if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m ent [-V|--version] COMMAND [options]\n\ncommands:", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: python -m ent [-V|--version] COMMAND [options]\n\ncommands:")
         for name, (_, help) in COMMANDS.items():
-            print(f"  {name:<8}{help}", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+            print(f"  {name:<8}{help}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        given = f"unknown command {argv[0]!r}" if argv else "no command"
+        usageExit("python -m ent", f"error: {given}: choose one of {', '.join(COMMANDS)}")
     from importlib import import_module
 
     return import_module(COMMANDS[argv[0]][0]).main(argv[1:])

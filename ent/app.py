@@ -9,8 +9,9 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from ent.cli import usageExit
 from ent.endpoints import clientEndpoint, serverEndpoint
-from ent.errors import EntError
+from ent.errors import ConfigurationError, EntError
 from ent.legs import secureClient, secureServer
 
 
@@ -125,8 +126,14 @@ class StartupGuard(MultiService):
 
 
 def _built(name, build):
+    """
+    Build a service; an option that only its parser could check (an
+    endpoint string) is refused as a usage error, like the other options.
+    """
     try:
         return build()
+    except ConfigurationError as e:
+        usageExit(f"twistd {name}", str(e))
     except EntError as e:
         raise SystemExit(f"twistd {name}: {e}")
 
@@ -140,7 +147,7 @@ def guarded(name, service, options, reactor):
     if options["metrics"] is not None:
         from ent.metrics import metricsService
 
-        extra.append(metricsService(serverEndpoint(reactor, options["metrics"]), service.stats))
+        extra.append(metricsService(serverEndpoint(reactor, options["metrics"], "--metrics"), service.stats))
     observer = None
     if options["log-format"] == "json":
         from ent.logs import observerFor
@@ -157,7 +164,7 @@ def makeAgentService(options, reactor):
     def build():
         stats = ServiceStats("enta", reactor)
         endpoint = secureClient(
-            reactor, clientEndpoint(reactor, options["entg-connect"]), options["entg-security"],
+            reactor, clientEndpoint(reactor, options["entg-connect"], "--entg-connect"), options["entg-security"],
             options["entg-connect"], leg="gateway", stats=stats,
         )
         return guarded("enta", AgentService(options, endpoint, reactor, stats), options, reactor)
@@ -175,16 +182,16 @@ def makeGatewayService(options, reactor):
         peerSecurity = options["entg-security"]
         if options["entg-connect"] is not None:
             peerConnect = secureClient(
-                reactor, clientEndpoint(reactor, options["entg-connect"]), peerSecurity,
+                reactor, clientEndpoint(reactor, options["entg-connect"], "--entg-connect"), peerSecurity,
                 options["entg-connect"], leg="peer", stats=stats,
             )
         else:
             peerListen = secureServer(
-                reactor, serverEndpoint(reactor, options["entg-listen"]), peerSecurity,
+                reactor, serverEndpoint(reactor, options["entg-listen"], "--entg-listen"), peerSecurity,
                 options["entg-listen"], leg="peer", stats=stats,
             )
         agentListen = secureServer(
-            reactor, serverEndpoint(reactor, options["enta-listen"]), options["enta-security"],
+            reactor, serverEndpoint(reactor, options["enta-listen"], "--enta-listen"), options["enta-security"],
             options["enta-listen"], leg="agent", stats=stats,
         )
         service = GatewayService(

@@ -9,7 +9,6 @@ DIR/ca.key when missing). Every certificate serves as both client and
 server. For production, use your own PKI.
 """
 
-import argparse
 import datetime
 import ipaddress
 import os
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ent import addVersionOption
+from ent.cli import ArgumentParser
 
 VALIDITY = datetime.timedelta(days=825)
 
@@ -101,8 +101,8 @@ def makeCertificate(directory, name, alternatives=(), ca=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m ent.certs", description=__doc__.strip().splitlines()[0]
+    parser = ArgumentParser(
+        prog="python -m ent certs", description=__doc__.strip().splitlines()[0]
     )
     parser.add_argument("directory")
     parser.add_argument("names", nargs="+", metavar="NAME[=ALT,ALT...]")

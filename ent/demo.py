@@ -9,13 +9,13 @@ echo client through the tunnel, shows what happened, stops everything and
 checks that nothing is left. Interrupting it cleans up as well.
 """
 
-import argparse
 import os
 import signal
 import sys
 import tempfile
 
 from ent import addVersionOption
+from ent.cli import ArgumentParser, count
 from ent.topology import ADDRESS, Tunnel
 
 
@@ -28,8 +28,8 @@ def indent(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="ENT demo in network namespaces")
-    parser.add_argument("--bytes", type=int, default=1_000_000, help="payload of the second echo")
+    parser = ArgumentParser(prog="python -m ent demo", description="ENT demo in network namespaces")
+    parser.add_argument("--bytes", type=count(1), default=1_000_000, help="payload of the second echo")
     addVersionOption(parser, "ent demo")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

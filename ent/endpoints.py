@@ -12,6 +12,7 @@ from zope.interface import implementer
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ServerEndpoint,
@@ -24,6 +25,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
+from ent.cli import parseNumber
 from ent.errors import ConfigurationError
 
 
@@ -47,18 +49,43 @@ class DescribedEndpoint:
 
     def connect(self, factory):
         def failed(reason):
-            if reason.check(CancelledError):  # a stop, not a failure
+            # A stop, not a failure: our Deferred was cancelled before or
+            # (Twisted's own error, for a HostnameEndpoint) during the attempt.
+            if reason.check(CancelledError, ConnectingCancelledError):
                 return reason
             if self.legStats is not None:
                 self.legStats.connectFailures += 1
             self.log.warn(
                 "cannot connect to {endpoint}: {reason}",
                 leg=self.legStats.name if self.legStats is not None else None,
-                endpoint=self.description, reason=reason.getErrorMessage(),
+                endpoint=self.description, reason=failureText(reason),
             )
             return reason
 
         return self.endpoint.connect(factory).addErrback(failed)
+
+
+def addressText(address):
+    """
+    C{HOST:PORT} of an IP or hostname address, C{vsock:CID:PORT} of a vsock
+    one: not the C{repr} of Twisted's address classes.
+    """
+    host = getattr(address, "host", getattr(address, "hostname", None))
+    if host is None:
+        return str(address)
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+def failureText(reason):
+    """
+    Why a connection attempt failed, for the log: an error that carries
+    only an address (C{ConnectingCancelledError}) reads as C{HOST:PORT}.
+    """
+    if reason.check(ConnectingCancelledError):
+        return f"attempt to connect to {addressText(reason.value.address)} cancelled"
+    return reason.getErrorMessage()
 
 
 def listeningService(endpoint, factory):
@@ -80,13 +107,17 @@ def parsePort(text, what="port"):
     """
     A TCP port number 1-65535, or a L{ConfigurationError}.
     """
-    try:
-        port = int(text)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{what} {text!r} is not a number")
+    port = parseNumber(text, what)
     if not 1 <= port <= 65535:
         raise ConfigurationError(f"{what} {port} is out of range 1-65535")
     return port
+
+
+def portIn(description, port, what):
+    """
+    The port of C{description} that option C{what} gave; an error names both.
+    """
+    return parsePort(port, f"{what} {description!r}: port")
 
 
 def isHostPort(text):
@@ -139,7 +170,7 @@ def checkPlainListen(text, what):
     if not isPlainListen(text):
         raise ConfigurationError(f"{what} {text!r} is not [ADDR:]PORT")
     host, _, port = text.rpartition(":")
-    parsePort(port, what)
+    portIn(text, port, what)
     if host:
         try:
             ipaddress.ip_address(host.strip("[]"))
@@ -160,49 +191,61 @@ def checkServerDescription(text, what):
     return text
 
 
-def checkClientDescription(text):
+def checkClientDescription(text, what):
     """
     Check C{HOST:PORT} or an endpoint string without building anything.
     """
     match = _HOST_PORT.match(text)
     if match:
-        parsePort(match.group("port"))
+        portIn(text, match.group("port"), what)
         return
     if ":" not in text:
-        raise ConfigurationError(f"{text!r} is neither HOST:PORT nor an endpoint string")
+        raise ConfigurationError(f"{what} {text!r} is neither HOST:PORT nor an endpoint string")
 
 
-def clientEndpoint(reactor, text):
+def clientEndpoint(reactor, text, what="client endpoint"):
     """
-    An L{IStreamClientEndpoint} for C{HOST:PORT} or a client endpoint string.
+    An L{IStreamClientEndpoint} for C{HOST:PORT} or a client endpoint string
+    (C{what}: the flag that gave it, for the error).
     """
     match = _HOST_PORT.match(text)
     if match:
         host = match.group("v6") or match.group("host")
-        port = parsePort(match.group("port"))
+        port = portIn(text, match.group("port"), what)
         return HostnameEndpoint(reactor, host, port)
     try:
         return clientFromString(reactor, text)
     except (ValueError, TypeError, KeyError) as e:
-        raise ConfigurationError(f"bad client endpoint {text!r}: {e}")
+        raise ConfigurationError(f"{what} {text!r}: {_parserError(e)}")
 
 
-def serverEndpoint(reactor, text):
+def serverEndpoint(reactor, text, what="server endpoint"):
     """
-    An L{IStreamServerEndpoint} for C{PORT}, C{ADDR:PORT} or a server endpoint string.
+    An L{IStreamServerEndpoint} for C{PORT}, C{ADDR:PORT} or a server endpoint
+    string (C{what}: the flag that gave it, for the error).
     """
     match = _INTERFACE_PORT.match(text)
     if match:
-        port = parsePort(match.group("port"))
+        port = portIn(text, match.group("port"), what)
         if match.group("v6"):
             return TCP6ServerEndpoint(reactor, port, interface=match.group("v6"))
         host = match.group("host") or "0.0.0.0"
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            raise ConfigurationError(f"bad listen address {host!r}")
+            raise ConfigurationError(f"{what} {text!r}: {host!r} is not an IP address")
         return TCP4ServerEndpoint(reactor, port, interface=host)
     try:
         return serverFromString(reactor, text)
     except (ValueError, TypeError, KeyError) as e:
-        raise ConfigurationError(f"bad server endpoint {text!r}: {e}")
+        raise ConfigurationError(f"{what} {text!r}: {_parserError(e)}")
+
+
+def _parserError(error):
+    """
+    The reason an endpoint string parser gave; a C{KeyError}'s own C{str}
+    would be the quoted key.
+    """
+    if isinstance(error, KeyError) and error.args:
+        return f"no field {error.args[0]!r}"
+    return str(error)

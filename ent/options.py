@@ -8,13 +8,15 @@ ENG's flag names are accepted as they were.
 """
 
 import ipaddress
+import re
 import sys
 
 from twisted.python import usage
 
 from ent import versionLine
+from ent.cli import parseNumber, usageExit
 from ent.endpoints import (
-    checkClientDescription, checkServerDescription, hostOf, isPlainListen, parsePort, tcpPortOf,
+    checkClientDescription, checkServerDescription, hostOf, isPlainListen, parsePort, portIn, tcpPortOf,
 )
 from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
@@ -51,7 +53,37 @@ def _usage(function):
 
 
 def _ports(text, what):
-    return [parsePort(part.strip(), what) for part in text.split(",") if part.strip()]
+    """
+    PORT[,PORT...], strictly: a space or an empty item is a typo to refuse,
+    not something to read as fewer ports.
+    """
+    parts = text.split(",")
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise ConfigurationError(f"{what} {text!r} is not PORT[,PORT...]: digits and commas, no spaces or empty items")
+    return [portIn(text, part, what) for part in parts]
+
+
+def _number(options, name):
+    """
+    The whole number that option C{name} gives.
+    """
+    return parseNumber(options[name], f"--{name}")
+
+
+def _checkReadable(path, what):
+    """
+    Refuse a file that cannot be read now, rather than at the first connection.
+    """
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigurationError(f"{what} {path!r}: {e.strerror}")
+
+
+# Linux's rule for interface names, and no "%", which asks for a numbered name.
+_INTERFACE_NAME = re.compile(r"[^\s/:%]{1,15}")
+_PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,31}")
 
 
 LOG_FORMATS = ("text", "json")
@@ -73,6 +105,27 @@ class ObservabilityOptions(usage.Options):
          "text, or json: one JSON object per line with the event's fields "
          "(to where twistd writes its log)."],
     ]
+
+    def parseOptions(self, options=None):
+        """
+        Under twistd (our parent), refuse a bad command line in one line on
+        stderr with exit status 2, before twistd prints its whole usage on
+        stdout; without a parent (tests, other callers) raise as usual.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            usageExit(f"twistd {self.command}", str(e))
+
+    def parseArgs(self, *args):
+        """
+        No command takes positional arguments: name the stray one (twistd's
+        own message is "Wrong number of arguments.").
+        """
+        if args:
+            raise usage.UsageError(f"unexpected argument {args[0]!r}: every option is a --flag")
 
     def opt_version(self):
         """
@@ -138,8 +191,12 @@ class SecurityOptions(ObservabilityOptions):
         verifier = self["verifier"] or ("nullverifier" if server else "sgx_ecdsa")
         for name, value in (("attester", attester), ("verifier", verifier),
                             ("tls-type", self["tls-type"]), ("crypto-type", self["crypto-type"])):
-            if not value or len(value.encode()) > 31 or not value.isascii():
-                raise ConfigurationError(f"--{name} {value!r} is not a plugin name")
+            if not _PLUGIN_NAME.fullmatch(value):
+                raise ConfigurationError(
+                    f"--{name} {value!r} is not a plugin name (up to 31 letters, digits, '_', '.', '-')"
+                )
+        if self["rats-tls-lib"] is not None:
+            _checkReadable(self["rats-tls-lib"], "--rats-tls-lib")
         return RatsTlsChoice(
             library=self["rats-tls-lib"], attester=attester, verifier=verifier,
             tlsType=self["tls-type"], cryptoType=self["crypto-type"],
@@ -150,6 +207,8 @@ class SecurityOptions(ObservabilityOptions):
         missing = [f"--{n}" for n in ("tls-cert", "tls-key", "tls-ca") if not self[n]]
         if missing:
             raise ConfigurationError(f"a TLS leg needs {', '.join(missing)}")
+        for name in ("tls-cert", "tls-key", "tls-ca"):
+            _checkReadable(self[name], f"--{name}")
         return TlsFiles(self["tls-cert"], self["tls-key"], self["tls-ca"])
 
     def legSecurity(self, leg, connect=None, nameOption=None, listen=None):
@@ -172,6 +231,8 @@ class SecurityOptions(ObservabilityOptions):
         if connect is None:
             return LegSecurity("tls", tlsFiles=files)
         name = self[nameOption] or hostOf(connect)
+        if self[nameOption] is not None and not re.fullmatch(r"\S+", name):
+            raise ConfigurationError(f"--{nameOption} {name!r} is not a DNS name or an IP address")
         if name is None:
             raise ConfigurationError(f"give --{nameOption}: the peer's name cannot be taken from {connect!r}")
         return LegSecurity("tls", tlsFiles=files, peerName=name)
@@ -235,7 +296,7 @@ class EntaOptions(SecurityOptions):
         """
         ENG's name for --dport.
         """
-        self.opt_dport(value)
+        self["dports"].extend(_usage(_ports)(value, "--capture"))
 
     @_usage
     def postOptions(self):
@@ -248,17 +309,17 @@ class EntaOptions(SecurityOptions):
             self["replay"] = parsePort(replay, "--replay")
         self["dports"] = tuple(dict.fromkeys(self["dports"]))
         self["tunnel-port"] = parsePort(self["tunnel-port"], "--tunnel-port")
-        checkClientDescription(self["entg-connect"])
-        try:
-            mtu = int(self["mtu"])
-        except ValueError:
-            raise ConfigurationError(f"--mtu {self['mtu']!r} is not a number")
+        checkClientDescription(self["entg-connect"], "--entg-connect")
+        mtu = _number(self, "mtu")
         if not MIN_MTU <= mtu <= MAX_PACKET:
             raise ConfigurationError(f"--mtu {mtu} is out of range {MIN_MTU}-{MAX_PACKET}")
         self["mtu"] = mtu
         name = self["tun-name"]
-        if not name or len(name.encode()) > 15 or "/" in name or " " in name:
-            raise ConfigurationError(f"--tun-name {name!r} is not a valid interface name")
+        if not _INTERFACE_NAME.fullmatch(name) or len(name.encode()) > 15 or name in (".", ".."):
+            raise ConfigurationError(
+                f"--tun-name {name!r} is not a valid interface name "
+                f"(1-15 bytes, not . or .., no space, '/', ':' or '%')"
+            )
         self._checkBesideOthers()
         self._tunAddress()
         self._peerAddress()
@@ -275,8 +336,8 @@ class EntaOptions(SecurityOptions):
             self["route-table"] = None
         else:
             try:
-                self["route-table"] = int(table)
-            except ValueError:
+                self["route-table"] = _number(self, "route-table")
+            except ConfigurationError:
                 raise ConfigurationError(f"--route-table {table!r} is neither a number nor auto")
             if not 1 <= self["route-table"] < 2**31 or self["route-table"] in (253, 254, 255):
                 raise ConfigurationError(f"--route-table {table} is reserved or out of range")
@@ -297,12 +358,18 @@ class EntaOptions(SecurityOptions):
                 raise ConfigurationError("give the prefix in --tun-addr or --tun-mask, not both")
             prefix = self["tun-mask"]
         prefix = prefix or str(TUN_PREFIX)
+        given = f"--tun-addr {text!r}"
+        if self["tun-mask"] is not None:
+            given += f" --tun-mask {self['tun-mask']!r}"
         try:
             interface = ipaddress.IPv4Interface(f"{address}/{prefix}")
         except ValueError as e:
-            raise ConfigurationError(f"bad TUN address {text!r}: {e}")
+            raise ConfigurationError(f"{given}: {e}")
         if interface.network.prefixlen > 30:
-            raise ConfigurationError(f"TUN network {interface.network} is too small for two agents")
+            raise ConfigurationError(f"{given}: the TUN network {interface.network} is too small for two agents")
+        special = _specialAddress(interface.ip, interface.network)
+        if special:
+            raise ConfigurationError(f"{given}: {interface.ip} is the {special} of {interface.network}")
         self["tun-interface"] = interface
 
     def _peerAddress(self):
@@ -322,12 +389,30 @@ class EntaOptions(SecurityOptions):
         try:
             peer = ipaddress.IPv4Address(peer)
         except ValueError as e:
-            raise ConfigurationError(f"bad --peer-addr: {e}")
+            raise ConfigurationError(f"--peer-addr {peer!r}: {e}")
         if peer not in interface.network or peer == interface.ip:
             raise ConfigurationError(
                 f"--peer-addr {peer} must be another address in the TUN network {interface.network}"
             )
+        special = _specialAddress(peer, interface.network)
+        if special:
+            raise ConfigurationError(
+                f"--peer-addr {peer} is the {special} of the TUN network {interface.network}, "
+                f"not an agent's"
+            )
         self["peer-addr"] = peer
+
+
+def _specialAddress(address, network):
+    """
+    "network address" or "broadcast address" if C{address} is one of
+    C{network}'s, which no agent can have; else C{None}.
+    """
+    if address == network.network_address:
+        return "network address"
+    if address == network.broadcast_address:
+        return "broadcast address"
+    return None
 
 
 class EntgOptions(SecurityOptions):
@@ -403,7 +488,7 @@ class EntgOptions(SecurityOptions):
         if self["entg-connect"] is None and self["entg-listen"] is None:
             self["entg-listen"] = str(GATEWAY_PORT)
         if self["entg-connect"] is not None:
-            checkClientDescription(self["entg-connect"])
+            checkClientDescription(self["entg-connect"], "--entg-connect")
         for name in ("enta-listen", "entg-listen"):
             if self[name] is not None:
                 checkServerDescription(self[name], f"--{name}")

@@ -1,9 +1,12 @@
 """
 A cffi binding (ABI mode: nothing to compile at install) to librats_tls.so.
 
-It offers a blocking API, one L{RatsTlsSession} per connection, meant to be
-driven from threads: every call into the library releases the GIL.  The
-Twisted transport built on it lives elsewhere.
+It offers one L{RatsTlsSession} per connection: a blocking handshake, then
+receive and transmit on the blocking fd or, once it is made non-blocking,
+calls that return at once when the socket is not ready.  Every call into
+the library releases the GIL, and no session is ever entered by two threads
+at once (OpenSSL's SSL objects are not thread-safe).  The Twisted transport
+built on it lives elsewhere.
 
 Two struct layouts of C{rats_tls_conf_t} exist in the wild (see
 shared/RATS-TLS.md); L{load} tells them apart by the symbols the library
@@ -171,6 +174,21 @@ _DETAILS = {
 
 def _detail(code):
     return _DETAILS.get(code, "")
+
+
+#: What L{RatsTlsSession.send} takes at once: four full TLS records.
+SEND_CHUNK = 65536
+
+
+def _wouldBlock(rc):
+    """
+    Whether a failed receive or transmit only met a socket that was not
+    ready.  rats-tls maps OpenSSL's WANT_READ/WANT_WRITE to -2 like a
+    close, but the socket call under it left C{EAGAIN} in C{errno}, which
+    cffi saved right after the call (a close leaves 0, EPIPE or
+    ECONNRESET).
+    """
+    return rc == ERR_INVALID and ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 def _missing_help(path):
@@ -422,14 +440,28 @@ class RatsTlsSession:
     """
     One rats-tls handle, for one connection (a handle holds one session).
 
-    All methods block and release the GIL.  One thread may be in L{receive}
-    while another is in L{transmit}.  L{cleanup} never frees the handle under
-    a call still running in another thread (the real library would crash):
-    it defers the C cleanup until that call returns.  To make a blocked
-    L{receive} return, shut the socket down; close the fd only once
-    L{wait_cleaned} says the handle is gone, so that the library cannot write
-    into a reused fd.
+    The library sits on OpenSSL, whose SSL objects must never be used by two
+    threads at once, so a session is entered by one thread at a time: a
+    call made while another thread is inside the library with this session
+    is refused with L{RatsTlsError} (step C{"concurrent"}) and counted in
+    L{concurrent_entries}, instead of racing.  Drive a session from one
+    thread, or serialise the calls yourself.
+
+    All calls release the GIL.  On a blocking fd they block; once the
+    handshake is over the fd may be made non-blocking, and then L{receive}
+    returns C{None} and L{send} C{0} when the socket is not ready (the
+    library reports that as error -2 with C{errno} C{EAGAIN}; the session
+    stays usable).  L{cleanup} never frees the handle under a call still
+    running in another thread (the real library would crash): it defers the
+    C cleanup until that call returns.  To make a blocked L{receive} return,
+    shut the socket down; close the fd only once L{wait_cleaned} says the
+    handle is gone, so that the library cannot write into a reused fd.
     """
+
+    #: How many calls were refused, process-wide, because another thread
+    #: was inside the library with the same session (tests assert 0).
+    concurrent_entries = 0
+    _count_lock = threading.Lock()
 
     def __init__(
         self,
@@ -446,12 +478,17 @@ class RatsTlsSession:
         self.library = library
         self.config = config
         self._state_lock = threading.Lock()
-        self._recv_lock = threading.Lock()
-        self._send_lock = threading.Lock()
         self._cleaned = threading.Event()
-        self._inflight = 0
+        # The thread inside the library with this session, if any.
+        self._inside = None
         self._closing = False
         self._rbuf = None
+        self._rsize = ffi.new("size_t *")
+        self._wsize = ffi.new("size_t *")
+        # send(): the copy OpenSSL is part-way through, which a retry must
+        # pass again at the same address and length.
+        self._wbuf = None
+        self._wpending = 0
         self._callback = None
         self._callback_error = None
         self.cleanup_error = None
@@ -484,19 +521,30 @@ class RatsTlsSession:
             raise RatsTlsError("set_verification_callback", rc, _detail(rc))
         self._callback = callback
 
-    # Every call that uses the handle is counted, so that cleanup can wait.
+    # Every call that uses the handle goes through _enter/_leave: one thread
+    # at a time, and cleanup waits for it.
 
     def _enter(self, step):
         with self._state_lock:
             if self._closing:
                 raise RatsTlsClosed(step, ERR_INVALID, "the session has been cleaned up")
-            self._inflight += 1
+            if self._inside is not None:
+                inside = self._inside
+                with RatsTlsSession._count_lock:
+                    RatsTlsSession.concurrent_entries += 1
+                raise RatsTlsError(
+                    "concurrent",
+                    ERR_INVALID,
+                    f"{step} refused: thread {inside} is inside librats_tls with this session"
+                    " (OpenSSL sessions are not thread-safe)",
+                )
+            self._inside = threading.get_ident()
             return self._handle
 
     def _leave(self):
         with self._state_lock:
-            self._inflight -= 1
-            last = self._closing and self._inflight == 0
+            self._inside = None
+            last = self._closing
         if last:
             self._free(deferred=True)
 
@@ -544,29 +592,36 @@ class RatsTlsSession:
 
     def receive(self, maxsize=16384):
         """
-        Wait for data and return what one TLS record brought (at most
-        C{maxsize} bytes); never returns C{b""}.
+        Return what one TLS record brought (at most C{maxsize} bytes); never
+        returns C{b""}.  On a blocking fd it waits for data; on a
+        non-blocking one it returns C{None} when no whole record is there
+        yet.
 
         @raise RatsTlsClosed: if the connection has ended, whichever way.
         """
         if maxsize <= 0:
             raise ValueError("maxsize must be positive")
-        with self._recv_lock:
+        handle = self._enter("receive")
+        try:
+            # The buffers belong to whoever is inside: set them up only now.
             if self._rbuf is None or len(self._rbuf) < maxsize:
                 self._rbuf = ffi.new("char[]", maxsize)
-            size = ffi.new("size_t *", maxsize)
-            handle = self._enter("receive")
-            try:
-                rc = self._lib.rats_tls_receive(handle, self._rbuf, size)
-            finally:
-                self._leave()
-            if rc != 0:
-                raise RatsTlsClosed("receive", rc, "the connection has ended")
-            return ffi.buffer(self._rbuf, size[0])[:]
+            size = self._rsize
+            size[0] = maxsize
+            ffi.errno = 0
+            rc = self._lib.rats_tls_receive(handle, self._rbuf, size)
+            if rc == 0:
+                return ffi.buffer(self._rbuf, size[0])[:]
+            if _wouldBlock(rc):
+                return None
+        finally:
+            self._leave()
+        raise RatsTlsClosed("receive", rc, "the connection has ended")
 
     def transmit(self, data):
         """
-        Send all of C{data} (bytes-like); blocks until the library took it.
+        Send all of C{data} (bytes-like) on a blocking fd; blocks until the
+        library took it.
 
         @raise RatsTlsClosed: if the connection has ended.
         """
@@ -574,21 +629,64 @@ class RatsTlsSession:
         total = len(view)
         if total == 0:
             return
-        with self._send_lock:
-            size = ffi.new("size_t *")
-            handle = self._enter("transmit")
-            try:
-                done = 0
-                while done < total:
-                    size[0] = total - done
-                    rc = self._lib.rats_tls_transmit(handle, view + done, size)
-                    if rc != 0:
-                        raise RatsTlsClosed("transmit", rc, "the connection has ended")
-                    if size[0] == 0:
-                        raise RatsTlsClosed("transmit", ERR_UNKNOWN, "the library sent nothing")
-                    done += size[0]
-            finally:
-                self._leave()
+        handle = self._enter("transmit")
+        try:
+            size = self._wsize
+            done = 0
+            while done < total:
+                size[0] = total - done
+                rc = self._lib.rats_tls_transmit(handle, view + done, size)
+                if rc != 0:
+                    raise RatsTlsClosed("transmit", rc, "the connection has ended")
+                if size[0] == 0:
+                    raise RatsTlsClosed("transmit", ERR_UNKNOWN, "the library sent nothing")
+                done += size[0]
+        finally:
+            self._leave()
+
+    def send(self, data, limit=SEND_CHUNK):
+        """
+        Non-blocking fd: encrypt and send the first C{limit} bytes of C{data},
+        whole or not yet.
+
+        OpenSSL (without partial writes, as rats-tls sets it up) takes a
+        write the socket cannot hold in full part-way and wants it retried
+        with the same buffer and length; the session keeps that copy.  So
+        after a C{0} the next call must pass data that starts with the same
+        bytes (nothing may be dropped from its front).
+
+        @return: how many bytes of C{data} were sent: C{min(len(data),
+            limit)}, or 0 if the socket is full.
+        @raise RatsTlsClosed: if the connection has ended.
+        """
+        handle = self._enter("transmit")
+        try:
+            if self._wpending:
+                length = self._wpending
+                if len(data) < length:
+                    raise ValueError(
+                        f"send retried with {len(data)} bytes; {length} are part-way out"
+                    )
+            else:
+                length = min(len(data), limit)
+                if length == 0:
+                    return 0
+                if self._wbuf is None or len(self._wbuf) < length:
+                    self._wbuf = ffi.new("char[]", max(length, limit))
+                ffi.memmove(self._wbuf, data, length)
+            size = self._wsize
+            size[0] = length
+            ffi.errno = 0
+            rc = self._lib.rats_tls_transmit(handle, self._wbuf, size)
+            if rc == 0:
+                self._wpending = 0
+                return length
+            if _wouldBlock(rc):
+                self._wpending = length
+                return 0
+        finally:
+            self._leave()
+        raise RatsTlsClosed("transmit", rc, "the connection has ended")
 
     def cleanup(self):
         """
@@ -601,7 +699,7 @@ class RatsTlsSession:
             if self._closing:
                 return self._cleaned.is_set()
             self._closing = True
-            now = self._inflight == 0
+            now = self._inside is None
         if now:
             self._free(deferred=False)
         return now

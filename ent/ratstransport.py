@@ -1,24 +1,28 @@
 """
-rats-tls legs for Twisted: a thread-driven rats-tls session behind
+rats-tls legs for Twisted: a negotiated rats-tls session behind
 L{ITransport}, and client and server endpoints that hand out such
 transports once the attested handshake is over.
 
-librats_tls only offers blocking calls on a blocking fd, so each connection
-has its own threads: one for the handshake, a reader that loops on
-C{receive} and hands data to the reactor with C{callFromThread}, and one
-ordered writer fed by a queue. The reactor's side looks like any other
-transport, with backpressure both ways, so the framing and relay protocols
-do not know they run on rats-tls.
+librats_tls has only blocking calls and negotiates only on a blocking fd,
+so the handshake runs in a thread of its own.  After it the fd is made
+non-blocking and the reactor drives the session like any other socket:
+C{receive} when the fd is readable, C{transmit} when it is writable, each
+returning at once when the socket is not ready.  So one thread, the
+reactor's, is ever inside a session (OpenSSL's SSL objects are not
+thread-safe), and both directions still flow at once.  The reactor's side
+looks like any other transport, with backpressure both ways, so the
+framing and relay protocols do not know they run on rats-tls.
 """
 
-import collections
+import fcntl
 import socket
 import struct
+import termios
 import threading
 
 from zope.interface import implementer
 
-from twisted.internet import defer, error, tcp
+from twisted.internet import abstract, defer, error, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IConsumer,
@@ -33,25 +37,21 @@ from twisted.python.failure import Failure
 
 from ent.errors import RatsTlsClosed, RatsTlsError
 
-# Bytes queued for the writer before the producer feeding us is paused,
-# and the level at which it is resumed.
+# Bytes buffered for the socket before the producer feeding us is paused
+# (it is resumed once they are all out).
 HIGH_WATER = 512 * 1024
-LOW_WATER = 128 * 1024
-# Records the reader may hand to the reactor before it waits for them to
-# be consumed: bounds the memory a fast peer can make us hold.
-READ_AHEAD = 32
+# Records taken from the session per readable event: bounds what one
+# connection does per reactor turn.
+RECORDS_PER_READ = 16
+# Capacity of one receive; a TLS record carries at most 16 KiB.
 RECEIVE_SIZE = 65536
+# A TLS record's header: type, version, 2-byte length.
+RECORD_HEADER = 5
 # A handshake that takes longer than this fails (the fd stays blocking, the
 # kernel times the socket calls out).
 HANDSHAKE_TIMEOUT = 10.0
-# How long loseConnection waits for queued data before aborting.
+# How long loseConnection waits for buffered data before aborting.
 CLOSE_TIMEOUT = 1.0
-
-
-def _startThread(name, target, *args):
-    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-    thread.start()
-    return thread
 
 
 def inThread(reactor, name, function, *args):
@@ -69,7 +69,7 @@ def inThread(reactor, name, function, *args):
         else:
             reactor.callFromThread(d.callback, result)
 
-    _startThread(name, run)
+    threading.Thread(target=run, name=name, daemon=True).start()
     return d
 
 
@@ -102,256 +102,203 @@ def handshake(sock, session):
 
 
 @implementer(ITransport, IPushProducer, IConsumer)
-class RatsTlsTransport:
+class RatsTlsTransport(abstract.FileDescriptor):
     """
-    A negotiated rats-tls session as a Twisted transport.
+    A negotiated rats-tls session on a non-blocking socket, driven by the
+    reactor: Twisted's own write buffer and producer handling, with the
+    session's receive and send in place of the socket's.
 
     Every path to the end (peer close, error, loseConnection,
-    abortConnection, the reactor stopping) goes through L{_shutDown}, which
-    runs once, and ends in exactly one C{connectionLost}.
+    abortConnection, the reactor stopping) ends in L{connectionLost}, which
+    runs once: it frees the session (sending close_notify if the socket
+    takes it) and closes the socket.
     """
 
     log = Logger()
-    disconnecting = False
-    disconnected = False
+    bufferSize = HIGH_WATER
 
     def __init__(self, reactor, sock, session, leg="rats-tls"):
-        self.reactor = reactor
+        abstract.FileDescriptor.__init__(self, reactor)
         self.socket = sock
         self.session = session
         self.leg = leg
         self.protocol = None
+        self.fileno = sock.fileno
         self._host = _address(sock.getsockname())
         self._peer = _address(sock.getpeername())
-        self._lock = threading.Lock()
-        self._queue = collections.deque()
-        self._queued = threading.Condition(self._lock)
-        self._buffered = 0
-        self._readGate = threading.Event()
-        self._readGate.set()
-        self._readSlots = threading.Semaphore(READ_AHEAD)
-        self._ending = False
-        self._reason = None
-        self._producer = None
-        self._producerPaused = False
-        self._streaming = True
+        self._reading = False
+        # Whether the socket's queue starts at a record boundary (see
+        # _wholeRecordQueued), and the SO_RCVLOWAT we set.
+        self._aligned = True
+        self._lowat = 1
+        self._aborting = False
         self._closeTimer = None
-        self._threads = []
-        self._lost = defer.Deferred()
-
-    # Life cycle
+        self._shutdownTrigger = None
 
     def startWith(self, protocol):
         """
-        Connect C{protocol} and start the reader and writer threads.
+        Hand the socket to the reactor and connect C{protocol}.
         """
+        self.socket.setblocking(False)
         self.protocol = protocol
-        protocol.makeConnection(self)
-        peer = f"{self._peer.host}:{self._peer.port}"
-        self._threads = [
-            _startThread(f"rats-tls reader {peer}", self._readLoop),
-            _startThread(f"rats-tls writer {peer}", self._writeLoop),
-        ]
+        self.connected = 1
+        self.startReading()
         self._shutdownTrigger = self.reactor.addSystemEventTrigger(
             "before", "shutdown", self._abortForShutdown
         )
+        protocol.makeConnection(self)
 
     def _abortForShutdown(self):
         """
-        The reactor is stopping: end now, and make it wait (briefly: the
-        close thread's waits are bounded) for our connectionLost.
+        The reactor is stopping: end now (a paused transport is not among
+        the selectables the reactor disconnects by itself).
         """
-        self.abortConnection()
-        return self._lost
+        self._shutdownTrigger = None
+        if not self.disconnected:
+            self.connectionLost(Failure(error.ConnectionAborted("the reactor is stopping")))
 
-    def _shutDown(self, reason):
+    # Reading
+
+    def startReading(self):
+        self._reading = True
+        abstract.FileDescriptor.startReading(self)
+
+    def stopReading(self):
+        self._reading = False
+        abstract.FileDescriptor.stopReading(self)
+
+    def doRead(self):
         """
-        Start ending the connection, once, whoever asks: close the session
-        and the socket in a thread, then report C{reason}.
+        The socket is readable: hand over the records that are complete.
         """
-        with self._lock:
-            if self._ending:
-                return
-            self._ending = True
-            self._reason = reason
-            self._queue.clear()
-            self._queued.notify_all()
-        self._readGate.set()
-        # The reader may wait for a read-ahead slot the reactor will not
-        # free any more (it is stopping): give it one to see the end.
-        self._readSlots.release()
-        _startThread("rats-tls close", self._close)
-
-    def _close(self):
-        """
-        Blocking: send close_notify, free the handle, release the blocked
-        reader by shutting the socket down, and close the fd only once the
-        library is done with it.
-        """
-        try:
-            self.session.cleanup()
-        except RatsTlsError as e:
-            self.log.warn("{leg} cleanup: {error}", leg=self.leg, error=str(e))
-        try:
-            self.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.session.wait_cleaned(5.0)
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(5.0)
-        self.socket.close()
-        self.reactor.callFromThread(self._connectionLost)
-
-    def _connectionLost(self):
-        if self.disconnected:
-            return
-        self.disconnected = True
-        if self._closeTimer is not None and self._closeTimer.active():
-            self._closeTimer.cancel()
-        try:
-            self.reactor.removeSystemEventTrigger(self._shutdownTrigger)
-        except (ValueError, KeyError):
-            pass  # the reactor is running the trigger now
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            producer.stopProducing()
-        try:
-            self.protocol.connectionLost(Failure(self._reason))
-        finally:
-            self._lost.callback(None)
-
-    # Reading: the reader thread and its hand-over to the reactor
-
-    def _readLoop(self):
         receive = self.session.receive
-        while True:
-            self._readGate.wait()
-            self._readSlots.acquire()
-            if self._ending:
-                return
+        for _ in range(RECORDS_PER_READ):
+            if not self._wholeRecordQueued():
+                return None
             try:
                 data = receive(RECEIVE_SIZE)
             except RatsTlsClosed:
-                self._shutDown(error.ConnectionDone("the rats-tls peer closed the connection"))
-                return
+                return error.ConnectionDone("the rats-tls peer closed the connection")
             except RatsTlsError as e:
-                self._shutDown(error.ConnectionLost(str(e)))
-                return
-            self.reactor.callFromThread(self._deliver, data)
-
-    def _deliver(self, data):
-        self._readSlots.release()
-        if not self.disconnected:
+                return error.ConnectionLost(str(e))
+            if data is None:
+                # OpenSSL met a record that was not data (a session ticket)
+                # and took what followed of the next one: boundary unknown
+                # until the next record comes out whole.
+                self._aligned = False
+                return None
+            self._aligned = True
             self.protocol.dataReceived(data)
+            if not self._reading:
+                return None
+        return None
 
-    def pauseProducing(self):
-        self._readGate.clear()
+    def _wholeRecordQueued(self):
+        """
+        Whether a receive now would find a whole record in the socket, or
+        its end or error.  A receive that finds half a record fails with
+        "not ready" and the real library logs an ERROR line for it, which on
+        a real network (records span several segments) would be nearly
+        every record.  OpenSSL reads exactly one record at a time from the
+        socket, so while the queue starts at a record boundary its header
+        says how much must be there; until it is, SO_RCVLOWAT keeps the fd
+        from polling readable, unless the kernel wants the queue drained.
+        """
+        if not self._aligned:
+            return True
+        try:
+            header = self.socket.recv(RECORD_HEADER, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not header:
+            return True  # end of stream: receive reports the close
+        need = RECORD_HEADER
+        if len(header) == RECORD_HEADER:
+            need += int.from_bytes(header[3:5], "big")
+            queued = struct.unpack("i", fcntl.ioctl(self.socket, termios.FIONREAD, b"\0" * 4))[0]
+            if queued >= need:
+                self._setLowWater(1)
+                return True
+        if self._lowat == need:
+            # Readable although the low-water mark is not met: the kernel
+            # wants the queue drained (its buffer is under pressure or the
+            # window nearly shut), and the record cannot complete otherwise.
+            self._setLowWater(1)
+            return True
+        self._setLowWater(need)
+        return False
 
-    def resumeProducing(self):
-        self._readGate.set()
+    def _setLowWater(self, size):
+        if self._lowat != size:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+            self._lowat = size
 
-    def stopProducing(self):
-        self.loseConnection()
+    # Writing: Twisted's buffer; the session keeps a write OpenSSL took
+    # part-way, and the buffer keeps its bytes at the front until it is out.
 
-    # Writing: one ordered writer thread, backpressure to our producer
-
-    def write(self, data):
-        if not data:
-            return
-        with self._lock:
-            if self._ending or self.disconnecting:
-                return
-            self._queue.append(bytes(data))
-            self._buffered += len(data)
-            buffered = self._buffered
-            self._queued.notify()
-        if buffered > HIGH_WATER and self._producer is not None and not self._producerPaused:
-            self._producerPaused = True
-            self._producer.pauseProducing()
-
-    def writeSequence(self, data):
-        self.write(b"".join(data))
-
-    def _writeLoop(self):
-        transmit = self.session.transmit
-        while True:
-            with self._lock:
-                while not self._queue and not self._ending and not self.disconnecting:
-                    self._queued.wait()
-                if self._ending:
-                    return
-                if not self._queue:
-                    # loseConnection and everything written: end cleanly.
+    def writeSomeData(self, data):
+        send = self.session.send
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(view):
+                sent = send(view[done:])
+                if not sent:
                     break
-                # Coalesce what is queued into one transmit.
-                chunks = []
-                size = 0
-                while self._queue and size < 256 * 1024:
-                    chunk = self._queue.popleft()
-                    chunks.append(chunk)
-                    size += len(chunk)
-            try:
-                transmit(b"".join(chunks) if len(chunks) > 1 else chunks[0])
-            except RatsTlsError as e:
-                self._shutDown(error.ConnectionLost(str(e)))
-                return
-            with self._lock:
-                self._buffered -= size
-                drained = self._buffered < LOW_WATER
-            if drained and self._producerPaused:
-                self.reactor.callFromThread(self._resumeProducer)
-        self._shutDown(error.ConnectionDone("connection closed cleanly"))
+                done += sent
+        except RatsTlsError as e:
+            return error.ConnectionLost(str(e))
+        return done
 
-    def _resumeProducer(self):
-        with self._lock:
-            drained = self._buffered < LOW_WATER
-        if drained and self._producerPaused and self._producer is not None:
-            self._producerPaused = False
-            self._producer.resumeProducing()
-
-    def registerProducer(self, producer, streaming):
-        if self._producer is not None:
-            raise RuntimeError(
-                f"Cannot register producer {producer!r}, because producer "
-                f"{self._producer!r} was never unregistered."
-            )
-        if self.disconnected:
-            producer.stopProducing()
-            return
-        self._producer = producer
-        self._streaming = streaming
-        self._producerPaused = False
-        if not streaming:
-            producer.resumeProducing()
-
-    def unregisterProducer(self):
-        self._producer = None
-        self._producerPaused = False
-
-    # Ending on request
+    # Ending
 
     def loseConnection(self):
         """
-        Send what is queued, then close; abort if that takes too long (a
+        Send what is buffered, then close; abort if that takes too long (a
         peer that stopped reading must not hold up a stop).
         """
         if self.disconnecting or self.disconnected:
             return
-        with self._lock:
-            self.disconnecting = True
-            self._queued.notify_all()
+        abstract.FileDescriptor.loseConnection(self)
         self._closeTimer = self.reactor.callLater(CLOSE_TIMEOUT, self.abortConnection)
 
     def abortConnection(self):
+        if self.disconnected or self._aborting:
+            return
+        self._aborting = True
         self.disconnecting = True
-        self._shutDown(error.ConnectionAborted("rats-tls connection aborted"))
+        self.stopReading()
+        self.stopWriting()
+        self.reactor.callLater(
+            0, self.connectionLost, Failure(error.ConnectionAborted("rats-tls connection aborted"))
+        )
+
+    def connectionLost(self, reason):
+        if self.disconnected:
+            return
+        abstract.FileDescriptor.connectionLost(self, reason)
+        if self._closeTimer is not None and self._closeTimer.active():
+            self._closeTimer.cancel()
+        if self._shutdownTrigger is not None:
+            self.reactor.removeSystemEventTrigger(self._shutdownTrigger)
+            self._shutdownTrigger = None
+        try:
+            self.session.cleanup()
+        except RatsTlsError as e:
+            self.log.warn("{leg} cleanup: {error}", leg=self.leg, error=str(e))
+        self.socket.close()
+        self.protocol.connectionLost(reason)
 
     def getPeer(self):
         return self._peer
 
     def getHost(self):
         return self._host
+
+    def logPrefix(self):
+        return f"RatsTls,{self.leg}"
 
     def __repr__(self):
         return f"<RatsTlsTransport {self.leg} to {self._peer.host}:{self._peer.port}>"

@@ -20,30 +20,22 @@ from twisted.python import usage
 from ent import vsock
 from ent.app import _built, guarded
 from ent.endpoints import (
+    addressText,
     checkClientDescription,
     checkPlainListen,
     checkServerDescription,
     clientEndpoint,
+    failureText,
     isHostPort,
-    parsePort,
+    portIn,
     serverEndpoint,
 )
 from ent.errors import ConfigurationError, VsockAddressError
 from ent.flow import Valve
-from ent.options import ObservabilityOptions, _usage
+from ent.options import ObservabilityOptions, _number, _usage
 from ent.stats import ServiceStats
 
 DEFAULT_MAX_CONNECTIONS = 1024
-
-
-def addressText(address):
-    """
-    C{HOST:PORT} of an IP address, C{vsock:CID:PORT} of a vsock one.
-    """
-    host = getattr(address, "host", None)
-    if host is not None:
-        return f"{host}:{address.port}"
-    return str(address)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -174,7 +166,7 @@ class IncomingEnd(RelayEnd):
         self.log.warn(
             "cannot relay {source} to {target}: {reason}",
             source=addressText(self.transport.getPeer()), target=self.relay.targetDescription,
-            reason=reason.getErrorMessage(),
+            reason=failureText(reason),
         )
         self.transport.loseConnection()
 
@@ -345,7 +337,7 @@ def _connectAddress(text, what):
     if not isHostPort(text):
         raise ConfigurationError(f"{what} {text!r} is not HOST:PORT")
     host, _, port = text.rpartition(":")
-    parsePort(port, what)
+    portIn(text, port, what)
     return text
 
 
@@ -398,13 +390,9 @@ class RelayOptions(ObservabilityOptions):
     @_usage
     def postOptions(self):
         self.checkObservability()
-        limit = self["max-concurrent-connections"]
-        try:
-            self["max-concurrent-connections"] = int(limit)
-        except ValueError:
-            raise ConfigurationError(f"--max-concurrent-connections {limit!r} is not a number")
-        if self["max-concurrent-connections"] < 1:
-            raise ConfigurationError("--max-concurrent-connections must be at least 1")
+        limit = self["max-concurrent-connections"] = _number(self, "max-concurrent-connections")
+        if limit < 1:
+            raise ConfigurationError(f"--max-concurrent-connections {limit} is out of range: at least 1")
         addresses = [f"--{name}" for name in ("tcp-address", "vsock-address", "tcp-to-vsock", "mock-vsock")
                      if self[name]]
         if self["listen"] is not None or self["connect"] is not None:
@@ -413,7 +401,7 @@ class RelayOptions(ObservabilityOptions):
             if self["listen"] is None or self["connect"] is None:
                 raise ConfigurationError("--listen and --connect go together")
             checkServerDescription(self["listen"], "--listen")
-            checkClientDescription(self["connect"])
+            checkClientDescription(self["connect"], "--connect")
             return
         if self["tcp-address"] is None or self["vsock-address"] is None:
             raise ConfigurationError("give --tcp-address and --vsock-address (or --listen and --connect)")
@@ -447,7 +435,8 @@ class RelayOptions(ObservabilityOptions):
 def makeRelayService(options, reactor):
     def build():
         return guarded("ent-relay", SocketRelayService(
-            serverEndpoint(reactor, options["listen"]), clientEndpoint(reactor, options["connect"]), reactor,
+            serverEndpoint(reactor, options["listen"], "--listen"),
+            clientEndpoint(reactor, options["connect"], "--connect"), reactor,
             options["max-concurrent-connections"], options["listen"], options["connect"],
         ), options, reactor)
 

@@ -6,7 +6,6 @@ Exit code 0 when every leg is up, 1 when one is down, 2 when the metrics
 cannot be read.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -16,6 +15,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from ent import addVersionOption
+from ent.cli import ArgumentParser, seconds
 from ent.stats import DROP_REASONS
 
 UP, DEGRADED, UNREACHABLE = 0, 1, 2
@@ -204,13 +204,13 @@ def summary(scrape, url, now=None, legs=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m ent status",
         description="Summarise a running ENT service from its --metrics endpoint.",
     )
     parser.add_argument("--metrics", required=True,
                         help="the service's metrics: HOST:PORT or URL (path /metrics by default)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the scrape")
+    parser.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for the scrape")
     addVersionOption(parser, "ent status")
     args = parser.parse_args(argv)
     url = metricsUrl(args.metrics)

@@ -68,8 +68,9 @@ def openTun(name):
                 f"(nftables table {tableName(name)}); choose another --tun-name"
             )
         raise TunError(
-            f"an interface named {name} already exists and is not ENT's; "
-            f"remove it or choose another --tun-name"
+            f"an interface named {name} already exists (another agent's, another program's, "
+            f"or a stale device): give this agent another --tun-name; only if nothing uses "
+            f"{name} any more, remove it with 'ip link del {name}'"
         )
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)

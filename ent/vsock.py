@@ -28,7 +28,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.plugin import IPlugin
 
-from ent.errors import VsockAddressError, VsockConnectError
+from ent.cli import parseNumber
+from ent.errors import ConfigurationError, VsockAddressError, VsockConnectError
 
 CID_ANY = socket.VMADDR_CID_ANY
 PORT_ANY = socket.VMADDR_PORT_ANY
@@ -68,9 +69,9 @@ def localCid(device="/dev/vsock"):
 
 def _number(text, what):
     try:
-        return int(text)
-    except (TypeError, ValueError):
-        raise VsockAddressError(f"vsock {what} {text!r} is not a number")
+        return parseNumber(text, f"vsock {what}")
+    except ConfigurationError as e:
+        raise VsockAddressError(str(e))
 
 
 def parseCid(text):

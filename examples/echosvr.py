@@ -12,7 +12,6 @@ and its result line, so ENG's demo scripts run unchanged:
     python examples/echosvr.py client -h 192.168.0.254 -p 8080
 """
 
-import argparse
 import hashlib
 import os
 import sys
@@ -24,6 +23,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from ent import addVersionOption
+from ent.cli import ArgumentParser, count, seconds
 
 log = Logger()
 
@@ -179,16 +179,16 @@ def parseArguments(argv):
     ENG echosvr's command line (C{client|server}, C{-h HOST}, C{-p PORT} in
     any order; so help is C{--help} alone) with ENT's client options beside it.
     """
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
+    parser = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
     parser.add_argument("command", choices=("client", "server"),
                         help="server: echo every connection; client: send, half-close, check the echo")
     parser.add_argument("-h", "--host", default=ENG_HOST,
                         help=f"address to listen on or connect to (default {ENG_HOST})")
-    parser.add_argument("-p", "--port", type=int, default=ENG_PORT, help=f"TCP port (default {ENG_PORT})")
-    parser.add_argument("--bytes", type=int, help=f"client: payload size (default {CLIENT_DEFAULTS['bytes']})")
-    parser.add_argument("--timeout", type=float,
+    parser.add_argument("-p", "--port", type=count(1, 65535), default=ENG_PORT, help=f"TCP port (default {ENG_PORT})")
+    parser.add_argument("--bytes", type=count(0), help=f"client: payload size (default {CLIENT_DEFAULTS['bytes']})")
+    parser.add_argument("--timeout", type=seconds,
                         help=f"client: seconds to wait for the echo (default {CLIENT_DEFAULTS['timeout']:g})")
-    parser.add_argument("--connections", type=int,
+    parser.add_argument("--connections", type=count(1),
                         help="client: concurrent connections, each with its own random payload (default 1)")
     parser.add_argument("--help", action="help", help="show this help and exit")
     addVersionOption(parser, "echosvr")

@@ -2,10 +2,13 @@
 # Everything ENT needs on a fresh Debian machine, as root: system packages,
 # a virtual environment in .venv, and ENT installed into it (editable).
 # Arguments name further Debian packages to install (the benchmark's).
+# Also builds the real librats_tls the rats-tls tests run against
+# (scripts/ratstls-build.sh; cmake and the dev packages below are for it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iproute2 iputils-ping procps gcc libssl-dev python3 python3-venv python3-dev make iperf3 socat "$@")
+packages=(nftables iproute2 iputils-ping procps gcc libssl-dev python3 python3-venv python3-dev make iperf3 socat
+          cmake patch pkg-config libcbor-dev libcurl4-openssl-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -26,3 +29,5 @@ if ! .venv/bin/python -c "import ent, twisted, pyroute2, hypothesis" 2>/dev/null
     .venv/bin/pip install -q -e '.[test]'
     touch .venv/.ent-installed
 fi
+
+bash scripts/ratstls-build.sh >/dev/null

@@ -61,3 +61,47 @@ def mock_library(layout="2025"):
     if layout not in _loaded:
         _loaded[layout] = ratstls.load(build_mock(layout))
     return _loaded[layout]
+
+
+#: A real librats_tls.so to run the rats-tls tests against instead of the
+#: mock (scripts/test.sh sets it, one build per trial process: two builds
+#: in one process kill it).
+TEST_LIBRARY_ENV = "ENT_TEST_RATS_TLS_LIB"
+
+#: The real library under test, or None when the tests use the mock.
+REAL_LIBRARY = os.environ.get(TEST_LIBRARY_ENV) or None
+
+#: C{skip} for tests of what only the mock does (its C-level promises, its
+#: evidence format, loading several builds in one process); they run in
+#: the mock run.
+MOCK_ONLY = (
+    f"mock-only: checks what only the mock librats_tls does (real library {REAL_LIBRARY} selected)"
+    if REAL_LIBRARY
+    else None
+)
+
+
+def library_path_under_test():
+    """
+    The librats_tls.so the rats-tls tests run against: C{$ENT_TEST_RATS_TLS_LIB}
+    or the mock.  A real library named but missing fails the test: CI must
+    not pass without it.
+    """
+    if REAL_LIBRARY is None:
+        return build_mock()
+    if not os.path.isfile(REAL_LIBRARY):
+        raise AssertionError(
+            f"{TEST_LIBRARY_ENV}={REAL_LIBRARY} does not exist: scripts/ratstls-build.sh builds"
+            " the real libraries from ../shared/rats-tls (is it there?)"
+        )
+    return REAL_LIBRARY
+
+
+def library_under_test():
+    """
+    The loaded library the rats-tls tests run against (see L{library_path_under_test}).
+    """
+    path = library_path_under_test()
+    if path not in _loaded:
+        _loaded[path] = ratstls.load(path)
+    return _loaded[path]

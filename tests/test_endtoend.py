@@ -87,9 +87,9 @@ class StartFailureTests(unittest.TestCase):
 
     def test_badOption(self):
         result = self.run_enta("--dport", "70000")
-        self.assertNotEqual(result.returncode, 0)
-        lastLine = result.stdout.strip().splitlines()[-1] + result.stderr
-        self.assertIn("--dport 70000 is out of range 1-65535", lastLine)
+        self.assertEqual((result.returncode, result.stdout), (2, ""))
+        self.assertIn("--dport '70000': port 70000 is out of range 1-65535",
+                      result.stderr)
         self.assertNothingConfigured()
 
     def test_conflictingOptions(self):
@@ -125,7 +125,7 @@ class StartFailureTests(unittest.TestCase):
         result = self.run_enta("--dport", "7", "--entg-connect", "tcp:host=10.1.0.2")
         output = result.stdout + result.stderr
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("twistd enta: bad client endpoint 'tcp:host=10.1.0.2'", output)
+        self.assertIn("twistd enta: --entg-connect 'tcp:host=10.1.0.2'", output)
         self.assertNotIn("Traceback", output)
         self.assertNothingConfigured()
 

@@ -391,7 +391,8 @@ class CommandTests(unittest.TestCase):
         from ent.__main__ import main
 
         self.patch(sys, "stderr", io.StringIO())
-        self.assertEqual(main([]), 2)
-        self.assertEqual(main(["nonsense"]), 2)
+        self.patch(sys, "stdout", io.StringIO())
+        self.assertEqual(self.assertRaises(SystemExit, main, []).code, 2)
+        self.assertEqual(self.assertRaises(SystemExit, main, ["nonsense"]).code, 2)
         self.assertEqual(main(["--help"]), 0)
-        self.assertIn("status", sys.stderr.getvalue())
+        self.assertIn("status", sys.stdout.getvalue())

@@ -3,6 +3,7 @@ Option parsing of enta and entg: defaults, ENG's flag names, and refusals.
 """
 
 import ipaddress
+import os
 
 from twisted.python import usage
 from twisted.trial import unittest
@@ -20,6 +21,19 @@ def entg(*argv):
     options = EntgOptions()
     options.parseOptions(list(argv))
     return options
+
+
+def emptyFiles(testCase, *names):
+    """
+    Empty files named C{names} in a new directory: the TLS options refuse a
+    path that cannot be read.
+    """
+    directory = testCase.mktemp()
+    os.mkdir(directory)
+    paths = [os.path.join(directory, name) for name in names]
+    for path in paths:
+        open(path, "w").close()
+    return paths
 
 
 class EntaOptionsTests(unittest.TestCase):
@@ -63,10 +77,10 @@ class EntaOptionsTests(unittest.TestCase):
         self.assertRefused(["--dport", "7", "--replay", "8"], "exclude")
         self.assertRefused(["--dport", "0"], "out of range")
         self.assertRefused(["--dport", "70000"], "out of range")
-        self.assertRefused(["--dport", "seven"], "not a number")
+        self.assertRefused(["--dport", "seven"], "is not PORT[,PORT...]")
         self.assertRefused(["--replay", "65536"], "out of range")
         self.assertRefused(["--dport", "7", "--tun-addr", "10.9.9.9"], "give --peer-addr")
-        self.assertRefused(["--dport", "7", "--tun-addr", "300.1.1.1"], "bad TUN address")
+        self.assertRefused(["--dport", "7", "--tun-addr", "300.1.1.1"], "--tun-addr '300.1.1.1': Octet 300")
         self.assertRefused(["--dport", "7", "--tun-addr", "192.168.0.1/24", "--tun-mask", "16"], "not both")
         self.assertRefused(["--dport", "7", "--peer-addr", "10.0.0.1"], "must be another address")
         self.assertRefused(["--dport", "7", "--mtu", "70000"], "out of range")
@@ -121,7 +135,8 @@ class EntgOptionsTests(unittest.TestCase):
         self.assertIn("neither [ADDR:]PORT", str(e))
 
     def test_allowedIps(self):
-        tls = ("--enta-tls", "--tls-cert", "c.pem", "--tls-key", "c.key", "--tls-ca", "ca.pem")
+        cert, key, ca = emptyFiles(self, "c.pem", "c.key", "ca.pem")
+        tls = ("--enta-tls", "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca)
         o = entg(*tls, "--allowed-ips", "client=192.168.0.0/24,fd00::/64",
                  "--allowed-ips", "10.1.0.1=192.168.1.1/32", "--agent-to-agent")
         self.assertEqual(o["allowed-ips"], {
@@ -144,6 +159,9 @@ class EntgOptionsTests(unittest.TestCase):
 
 
 class SecurityOptionsTests(unittest.TestCase):
+    def files(self, *names):
+        return emptyFiles(self, *names)
+
     def test_plainByDefault(self):
         self.assertEqual(enta("--dport", "7")["entg-security"].kind, "tcp")
         o = entg()
@@ -152,15 +170,17 @@ class SecurityOptionsTests(unittest.TestCase):
     def test_tlsNeedsFilesAndTakesTheNameFromConnect(self):
         e = self.assertRaises(usage.UsageError, enta, "--dport", "7", "--entg-tls")
         self.assertIn("a TLS leg needs --tls-cert, --tls-key, --tls-ca", str(e))
+        cert, key, ca = self.files("c.pem", "c.key", "ca.pem")
         o = enta("--dport", "7", "--entg-tls", "--entg-connect", "gw1.example:6980",
-                 "--tls-cert", "c.pem", "--tls-key", "c.key", "--tls-ca", "ca.pem")
+                 "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca)
         security = o["entg-security"]
         self.assertEqual((security.kind, security.peerName), ("tls", "gw1.example"))
-        self.assertEqual(security.tlsFiles.ca, "ca.pem")
+        self.assertEqual(security.tlsFiles.ca, ca)
 
     def test_tlsNameOverride(self):
+        cert, key, ca = self.files("c", "k", "a")
         o = entg("--entg-tls", "--entg-connect", "10.2.0.2:6979", "--entg-tls-name", "gw2",
-                 "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a")
+                 "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca)
         self.assertEqual(o["entg-security"].peerName, "gw2")
         self.assertEqual(o["enta-security"].kind, "tcp")
 
@@ -173,11 +193,12 @@ class SecurityOptionsTests(unittest.TestCase):
                          ("sgx_ecdsa", "nullverifier", True))
 
     def test_ratsTlsPluginsNamed(self):
+        [library] = self.files("librats_tls.so")
         o = entg("--entg-rats-tls", "--entg-connect", "10.2.0.2:6979", "--attester", "nullattester",
-                 "--verifier", "nullverifier", "--mutual", "--rats-tls-lib", "/opt/rats/librats_tls.so")
+                 "--verifier", "nullverifier", "--mutual", "--rats-tls-lib", library)
         choice = o["entg-security"].ratsTls
         self.assertEqual((choice.attester, choice.verifier, choice.mutual, choice.library),
-                         ("nullattester", "nullverifier", True, "/opt/rats/librats_tls.so"))
+                         ("nullattester", "nullverifier", True, library))
 
     def test_refusals(self):
         e = self.assertRaises(usage.UsageError, entg, "--enta-tls", "--enta-rats-tls")

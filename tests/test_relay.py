@@ -212,3 +212,9 @@ class RelayHubTests(unittest.TestCase):
         agent.close()
         lose(agent)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_legIsThePushProducerOfItsReading(self):
+        from zope.interface.verify import verifyObject
+        from twisted.internet.interfaces import IPushProducer
+
+        self.assertTrue(verifyObject(IPushProducer, connect(self.hub, "agent")))

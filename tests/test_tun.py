@@ -62,6 +62,9 @@ class TunTransportTests(unittest.TestCase):
     def test_nameInUseRefused(self):
         e = self.assertRaises(TunError, tun.openTun, "enttun0")
         self.assertIn("already exists", str(e))
+        # What the user can do, without advising to delete another agent's TUN.
+        self.assertIn("give this agent another --tun-name", str(e))
+        self.assertIn("only if nothing uses enttun0 any more, remove it with 'ip link del enttun0'", str(e))
 
     @defer.inlineCallbacks
     def test_drainsInBoundedBatches(self):

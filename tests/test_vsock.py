@@ -99,8 +99,8 @@ class ParserTests(unittest.TestCase):
         """
         self.assertIsInstance(clientEndpoint(self.reactor, "vsock:3:6980"), VsockClientEndpoint)
         self.assertIsInstance(serverEndpoint(self.reactor, "vsock:6980"), VsockServerEndpoint)
-        e = self.assertRaises(ConfigurationError, clientEndpoint, self.reactor, "vsock:three:6980")
-        self.assertIn("bad client endpoint 'vsock:three:6980': vsock CID 'three' is not a number", str(e))
+        e = self.assertRaises(ConfigurationError, clientEndpoint, self.reactor, "vsock:three:6980", "--entg-connect")
+        self.assertIn("--entg-connect 'vsock:three:6980': vsock CID 'three' is not a number", str(e))
         options = EntgOptions()
         options.parseOptions(["--entg-connect", "vsock:3:6979", "--enta-listen", "vsock:6980"])
         self.assertEqual(options["entg-connect"], "vsock:3:6979")

@@ -7,7 +7,7 @@ import socket
 
 from zope.interface import implementer
 
-from twisted.internet.interfaces import IHandshakeListener, ISystemHandle
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISystemHandle
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -29,7 +29,7 @@ def noDelay(transport):
             pass  # not a TCP socket (unix, vsock): nothing to turn off
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class FramedLeg(Protocol):
     """
     Base for a connection carrying frames.

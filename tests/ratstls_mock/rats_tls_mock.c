@@ -14,6 +14,8 @@
  * Threading: one thread may block in rats_tls_receive while another calls
  * rats_tls_transmit on the same handle, and rats_tls_cleanup may be called
  * while either is blocked (they return -RATS_TLS_ERR_INVALID promptly).
+ * On a non-blocking fd a call that would wait returns -2 with errno EAGAIN
+ * instead, like upstream (see fd_nonblocking).
  * All SSL calls are made under one mutex with non-blocking socket I/O
  * (recv/send with MSG_DONTWAIT; the fd's own flags are never changed);
  * a thread that must wait for the socket drops the mutex and poll()s the
@@ -731,7 +733,7 @@ API rats_tls_err_t rats_tls_init(const rats_tls_conf_t *conf, rats_tls_handle *h
 	if (!ctx->ssl_ctx)
 		goto fail;
 	SSL_CTX_set_min_proto_version(ctx->ssl_ctx, TLS1_3_VERSION);
-	SSL_CTX_set_mode(ctx->ssl_ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+	/* Upstream sets no modes: a retried write must pass the same buffer. */
 	SSL_CTX_clear_mode(ctx->ssl_ctx, SSL_MODE_AUTO_RETRY);
 	SSL_CTX_set_num_tickets(ctx->ssl_ctx, 0);
 	if (ctx->cert && (SSL_CTX_use_certificate(ctx->ssl_ctx, ctx->cert) != 1 ||
@@ -775,6 +777,18 @@ static void wait_socket(struct rtls_core_context_t *ctx, int ssl_error)
 	while (poll(p, 2, -1) < 0 && errno == EINTR)
 		;
 	pthread_mutex_lock(&ctx->lock);
+}
+
+/*
+ * Like upstream's openssl wrapper on a non-blocking fd: a receive or
+ * transmit that would have to wait fails with -RATS_TLS_ERR_INVALID at once,
+ * errno EAGAIN, and the session stays usable (a transmit must then be
+ * retried with the same buffer and length, as OpenSSL wants).
+ */
+static int fd_nonblocking(int fd)
+{
+	int flags = fcntl(fd, F_GETFL);
+	return flags >= 0 && (flags & O_NONBLOCK);
 }
 
 static void log_ssl_errors(struct rtls_core_context_t *ctx, const char *what, int ssl_error)
@@ -868,6 +882,7 @@ API rats_tls_err_t rats_tls_receive(rats_tls_handle ctx, void *buf, size_t *buf_
 		return E_INVALID;
 
 	rats_tls_err_t err = E_INVALID;
+	int again = 0;
 	pthread_mutex_lock(&ctx->read_lock);
 	pthread_mutex_lock(&ctx->lock);
 	while (ctx->negotiated && !ctx->closing && !ctx->broken && !ctx->read_closed) {
@@ -881,6 +896,10 @@ API rats_tls_err_t rats_tls_receive(rats_tls_handle ctx, void *buf, size_t *buf_
 		}
 		int e = SSL_get_error(ctx->ssl, n);
 		if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+			if (fd_nonblocking(ctx->fd)) {
+				again = 1;
+				break;
+			}
 			wait_socket(ctx, e);
 			continue;
 		}
@@ -896,6 +915,8 @@ API rats_tls_err_t rats_tls_receive(rats_tls_handle ctx, void *buf, size_t *buf_
 	}
 	pthread_mutex_unlock(&ctx->lock);
 	pthread_mutex_unlock(&ctx->read_lock);
+	if (again)
+		errno = EAGAIN;
 	return err;
 }
 
@@ -906,6 +927,7 @@ API rats_tls_err_t rats_tls_transmit(rats_tls_handle ctx, void *buf, size_t *buf
 	size_t total = *buf_size, done = 0;
 
 	rats_tls_err_t err = E_INVALID;
+	int again = 0;
 	pthread_mutex_lock(&ctx->write_lock);
 	pthread_mutex_lock(&ctx->lock);
 	while (ctx->negotiated && !ctx->closing && !ctx->broken) {
@@ -924,6 +946,10 @@ API rats_tls_err_t rats_tls_transmit(rats_tls_handle ctx, void *buf, size_t *buf
 		}
 		int e = SSL_get_error(ctx->ssl, n);
 		if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+			if (fd_nonblocking(ctx->fd)) {
+				again = 1;
+				break;
+			}
 			wait_socket(ctx, e);
 			continue;
 		}
@@ -936,6 +962,8 @@ API rats_tls_err_t rats_tls_transmit(rats_tls_handle ctx, void *buf, size_t *buf
 		*buf_size = done;
 	pthread_mutex_unlock(&ctx->lock);
 	pthread_mutex_unlock(&ctx->write_lock);
+	if (again)
+		errno = EAGAIN;
 	return err;
 }
 
