@@ -25,22 +25,32 @@ class GatewayService(MultiService):
     """
 
     def __init__(self, agentEndpoint, reactor, peerConnect=None, peerListen=None, stats=None,
-                 allowedIps=None, agentToAgent=False):
+                 allowedIps=None, agentToAgent=False, peers=()):
+        """
+        C{peers}: C{(endpoint, prefixes)} for each peer gateway to connect
+        to, its prefixes the tunnel addresses behind it; C{peerConnect} is
+        the one peer of old, behind which is everything.
+        """
         MultiService.__init__(self)
         self.stats = stats if stats is not None else ServiceStats("entg", reactor)
         self.stats.leg("agent")
         self.stats.leg("peer")
         self.drops = self.stats.drops
-        self.hub = Router(self.stats, reactor, allowedIps=allowedIps, agentToAgent=agentToAgent)
-        self._listen(agentEndpoint, "agent")
+        peers = list(peers)
         if peerConnect is not None:
+            peers.insert(0, (peerConnect, ()))
+        self.hub = Router(self.stats, reactor, allowedIps=allowedIps, agentToAgent=agentToAgent,
+                          peerRoutes=[p for _, routes in peers for p in routes])
+        self._listen(agentEndpoint, "agent")
+        for endpoint, routes in peers:
+            # One service per peer: each reconnects on its own.
             ClientService(
-                peerConnect,
-                RelayLegFactory(self.hub, "peer"),
+                endpoint,
+                RelayLegFactory(self.hub, "peer", routes),
                 retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
                 clock=reactor,
             ).setServiceParent(self)
-        else:
+        if peerListen is not None:
             self._listen(peerListen, "peer")
 
     def _listen(self, endpoint, side):

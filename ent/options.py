@@ -10,6 +10,7 @@ ENG's flag names are accepted as they were.
 import ipaddress
 import re
 import sys
+from typing import NamedTuple
 
 from twisted.python import usage
 
@@ -50,6 +51,15 @@ def _usage(function):
     wrapper.__doc__ = function.__doc__
     wrapper.__name__ = function.__name__
     return wrapper
+
+
+def _helpText(method):
+    """
+    A flag's docstring as its --help text: twistd keeps a docstring's
+    indentation inside the paragraph, so the lines are joined here.
+    """
+    method.__doc__ = " ".join(method.__doc__.split())
+    return method
 
 
 def _ports(text, what):
@@ -403,6 +413,41 @@ class EntaOptions(SecurityOptions):
         self["peer-addr"] = peer
 
 
+class PeerConnect(NamedTuple):
+    """
+    One C{--entg-connect}: where the peer is, the prefixes that route to
+    it (empty: whatever has no other route, when it is the only peer) and
+    the leg's protection.
+    """
+
+    description: str
+    routes: tuple
+    security: object
+
+
+def parsePeerConnect(text):
+    """
+    C{(description, prefixes)} from C{HOST:PORT[=PREFIX[,PREFIX...]]} or a
+    client endpoint string, whose own C{=} are told apart by what follows
+    the last one: prefixes only if all of it reads as IP networks.
+    """
+    description, sep, tail = text.rpartition("=")
+    if sep and hostOf(description) is not None or (sep and "/" in tail):
+        routes = []
+        for part in tail.split(","):
+            try:
+                routes.append(ipaddress.ip_network(part.strip()))
+            except ValueError as e:
+                raise ConfigurationError(f"--entg-connect {text!r}: {e}")
+        return description, tuple(routes)
+    if sep:
+        try:
+            return description, tuple(ipaddress.ip_network(p.strip()) for p in tail.split(","))
+        except ValueError:
+            pass
+    return text, ()
+
+
 def _specialAddress(address, network):
     """
     "network address" or "broadcast address" if C{address} is one of
@@ -425,16 +470,16 @@ class EntgOptions(SecurityOptions):
     longdesc = (
         "ENTG: relay frames between this side's agents and the peer gateways, "
         "each frame to the leg that owns its destination address. "
-        "One gateway connects to its peer (--entg-connect), the other listens "
-        "(--entg-listen, the default)."
+        "A gateway connects to its peers (--entg-connect, repeatable), "
+        "accepts them (--entg-listen, the default), or both."
     )
 
     optParameters = [
         ["enta-listen", None, str(AGENT_PORT),
          "Where to accept the agent: PORT, ADDR:PORT or a server endpoint string."],
-        ["entg-connect", None, None, "Peer gateway to connect to: HOST:PORT or a client endpoint string."],
         ["entg-listen", None, None,
-         f"Where to accept the peer gateway (default {GATEWAY_PORT} when --entg-connect is not given)."],
+         f"Where to accept peer gateways (default {GATEWAY_PORT} when --entg-connect is not given); "
+         "what lives behind an accepted peer is learned from its frames' sources."],
         ["entg-tls-name", None, None,
          "TLS: the name (DNS or IP) the peer gateway's certificate must carry "
          "(default: the host of --entg-connect)."],
@@ -450,7 +495,33 @@ class EntgOptions(SecurityOptions):
     def __init__(self):
         usage.Options.__init__(self)
         self["allowed-ips"] = {}
+        self["entg-connect"] = None
+        self["entg-peers"] = []
 
+    @_helpText
+    def opt_entg_connect(self, value):
+        """
+        HOST:PORT[=PREFIX[,PREFIX...]] or a client endpoint string: a peer
+        gateway to connect to, and the tunnel addresses behind it (without
+        prefixes, and as the only one: everything). Repeatable.
+        """
+        _usage(self._entgConnect)(value)
+
+    def _entgConnect(self, value):
+        description, routes = parsePeerConnect(value)
+        for other in self["entg-peers"]:
+            if other.description == description:
+                raise ConfigurationError(f"--entg-connect {description!r} is given twice")
+            for mine in routes:
+                clash = [str(p) for p in other.routes if p.version == mine.version and p.overlaps(mine)]
+                if clash:
+                    raise ConfigurationError(
+                        f"--entg-connect {value!r}: {mine} overlaps {clash[0]} of {other.description}")
+        self["entg-peers"].append(PeerConnect(description, routes, None))
+        if self["entg-connect"] is None:
+            self["entg-connect"] = description
+
+    @_helpText
     def opt_allowed_ips(self, value):
         """
         NAME=PREFIX[,PREFIX...]: the leg whose TLS peer certificate names
@@ -483,19 +554,33 @@ class EntgOptions(SecurityOptions):
     @_usage
     def postOptions(self):
         self.checkObservability()
-        if self["entg-connect"] is not None and self["entg-listen"] is not None:
-            raise ConfigurationError("--entg-connect and --entg-listen exclude each other")
-        if self["entg-connect"] is None and self["entg-listen"] is None:
+        peers = self["entg-peers"]
+        if not peers and self["entg-listen"] is None:
             self["entg-listen"] = str(GATEWAY_PORT)
-        if self["entg-connect"] is not None:
-            checkClientDescription(self["entg-connect"], "--entg-connect")
+        if len(peers) > 1:
+            for peer in peers:
+                if not peer.routes:
+                    raise ConfigurationError(
+                        f"--entg-connect {peer.description!r} needs =PREFIX[,PREFIX...]: "
+                        "with several peers each names the tunnel addresses behind it")
+            if self["entg-tls-name"] is not None:
+                raise ConfigurationError(
+                    "--entg-tls-name names one peer: with several --entg-connect each certificate must name its host")
+        for peer in peers:
+            checkClientDescription(peer.description, "--entg-connect")
         for name in ("enta-listen", "entg-listen"):
             if self[name] is not None:
                 checkServerDescription(self[name], f"--{name}")
         self["enta-security"] = self.legSecurity("enta", listen=self["enta-listen"])
-        self["entg-security"] = self.legSecurity(
-            "entg", self["entg-connect"], "entg-tls-name", listen=self["entg-listen"]
-        )
+        self["entg-peers"] = [
+            peer._replace(security=self.legSecurity("entg", peer.description, "entg-tls-name"))
+            for peer in peers
+        ]
+        self["entg-listen-security"] = None
+        if self["entg-listen"] is not None:
+            self["entg-listen-security"] = self.legSecurity("entg", listen=self["entg-listen"])
+        # The peer leg's protection as one value, for what shows it.
+        self["entg-security"] = (self["entg-peers"][0].security if peers else self["entg-listen-security"])
         if self["allowed-ips"] and "tls" not in (self["enta-security"].kind, self["entg-security"].kind):
             raise ConfigurationError(
                 "--allowed-ips names TLS identities: give --enta-tls or --entg-tls")

@@ -17,9 +17,15 @@ Ownership of addresses:
   - an agent that uses an address a live agent owns is refused: its leg is
     closed and both are logged; the owner is undisturbed. Addresses are
     freed when their leg closes;
-  - a peer gateway carries many far hosts: the sources of its frames are
+  - a peer gateway carries many far hosts. A peer this gateway connects
+    to with prefixes (C{--entg-connect HOST:PORT=PREFIX,...}) owns exactly
+    those, connected or not: while it is away, frames to them are dropped
+    as C{no_route}, never sent to another peer, and no other peer learns
+    them (an agent's own address, a host route, still wins over them). Of any other peer, the sources of its frames are
     learned as routes to it (the latest peer wins), but never taken from an
-    agent, and its frames are not dropped for their source.
+    agent. A peer's frames are not dropped for their source, and go only
+    to agents, never on to another peer, so no loop can form between
+    gateways.
 
 Backpressure: each leg's transport has a L{Gate} registered as its
 producer. When the transport's buffer is full, the gate pauses the legs
@@ -120,12 +126,14 @@ class Router:
     logInterval = 60.0
     maxLogged = 4096
 
-    def __init__(self, stats, clock, allowedIps=None, agentToAgent=False):
+    def __init__(self, stats, clock, allowedIps=None, agentToAgent=False, peerRoutes=()):
         self.stats = stats
         self.drops = stats.drops
         self.clock = clock
         self.allowedIps = dict(allowedIps or {})
         self.agentToAgent = agentToAgent
+        # Every prefix of every --entg-connect, its peer up or not.
+        self.peerRoutes = tuple(peerRoutes)
         self.legs = {"agent": {}, "peer": {}}
         self._sole = {"agent": None, "peer": None}
         self.owners = {}
@@ -141,7 +149,7 @@ class Router:
 
     def attach(self, leg):
         side = leg.side
-        leg.prefixes = self.configuredPrefixes(leg.identities)
+        leg.prefixes = leg.routes or self.configuredPrefixes(leg.identities)
         clash = self._prefixClash(leg)
         if clash is not None:
             other, prefix = clash
@@ -225,7 +233,9 @@ class Router:
 
     def _changed(self):
         for side, legs in self.legs.items():
-            self._sole[side] = next(iter(legs)) if len(legs) == 1 else None
+            sole = next(iter(legs)) if len(legs) == 1 else None
+            # A peer with routes takes only those, even alone.
+            self._sole[side] = sole if sole is None or not sole.routes else None
         self.generation += 1
 
     def closeAll(self):
@@ -258,6 +268,15 @@ class Router:
                 if any(ipaddress.ip_address(bytes(a)) in prefix for a in other.owned):
                     return other, prefix
         return None
+
+    def inPeerRoutes(self, address):
+        """
+        Whether C{address} lies behind a peer of C{--entg-connect}.
+        """
+        if not self.peerRoutes:
+            return False
+        address = ipaddress.ip_address(bytes(address))
+        return any(address in prefix for prefix in self.peerRoutes)
 
     def prefixOwner(self, address):
         if not self.prefixes:
@@ -302,9 +321,11 @@ class Router:
 
     def _learnPeerSource(self, peer, src):
         owner = self.owners.get(src)
-        if owner is peer or (owner is not None and owner.side == "agent"):
+        if owner is peer or (owner is not None and owner.side == "agent") or peer.routes:
             return
         if len(peer.owned) >= MAX_LEARNED["peer"] or self.prefixOwner(src) is not None:
+            return
+        if self.inPeerRoutes(src):
             return
         self._claim(peer, src)
 
@@ -327,6 +348,9 @@ class Router:
         target = self.owners.get(dst)
         if target is None:
             target = self.prefixOwner(dst)
+        if target is None and self.inPeerRoutes(dst):
+            # Behind a peer that is away: never to another one.
+            return None, ("no_route" if side == "agent" else "peer_to_peer")
         if target is None or target is source:
             return self._default(side, "no_route")
         if target.side == side:

@@ -30,7 +30,7 @@ DROP_REASONS = {
     "tun_write_failed": "the kernel refused the packet on the TUN",
     "other_side_not_connected": "the other side of the gateway is not connected",
     "connection_limit": "connection refused: the limit of open connections is reached",
-    "no_route": "no leg owns the destination, and the other side has more than one leg",
+    "no_route": "no connected leg owns the destination, and it has no default leg",
     "source_not_owned": "the agent sent from an address it does not own",
     "agent_to_agent": "from one agent to another on the same gateway (see --agent-to-agent)",
     "peer_to_peer": "from one peer gateway to another",

@@ -125,10 +125,57 @@ class EntgOptionsTests(unittest.TestCase):
         self.assertEqual(o["entg-connect"], "10.2.0.2:6979")
         self.assertIsNone(o["entg-listen"])
 
+    def test_connectAndListen(self):
+        """
+        A gateway may both connect to peers and accept others.
+        """
+        o = entg("--entg-connect", "10.2.0.2:6979", "--entg-listen", "6979")
+        self.assertEqual((o["entg-connect"], o["entg-listen"]), ("10.2.0.2:6979", "6979"))
+        self.assertEqual(o["entg-listen-security"].kind, "tcp")
+
+    def test_severalPeers(self):
+        o = entg("--entg-connect", "10.2.0.2:6979=192.168.0.254/32",
+                 "--entg-connect", "gw3:6979=192.168.0.253,fd00::/64",
+                 "--entg-connect", "vsock:3:6979=10.0.0.0/8")
+        self.assertEqual([(p.description, p.routes) for p in o["entg-peers"]], [
+            ("10.2.0.2:6979", (ipaddress.ip_network("192.168.0.254/32"),)),
+            ("gw3:6979", (ipaddress.ip_network("192.168.0.253/32"), ipaddress.ip_network("fd00::/64"))),
+            ("vsock:3:6979", (ipaddress.ip_network("10.0.0.0/8"),)),
+        ])
+        self.assertEqual([p.security.kind for p in o["entg-peers"]], ["tcp"] * 3)
+        self.assertEqual(o["entg-connect"], "10.2.0.2:6979")
+        self.assertIsNone(o["entg-listen"])
+
+    def test_endpointStringKeepsItsEquals(self):
+        o = entg("--entg-connect", "tcp:host=10.2.0.2:port=6979")
+        self.assertEqual([(p.description, p.routes) for p in o["entg-peers"]],
+                         [("tcp:host=10.2.0.2:port=6979", ())])
+
+    def test_severalPeersNameTheirCertificateHosts(self):
+        cert, key, ca = emptyFiles(self, "c.pem", "c.key", "ca.pem")
+        o = entg("--entg-tls", "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca,
+                 "--entg-connect", "gw2:6979=192.168.0.254", "--entg-connect", "gw3:6979=192.168.0.253")
+        self.assertEqual([p.security.peerName for p in o["entg-peers"]], ["gw2", "gw3"])
+
+    def test_peerRefusals(self):
+        two = ("--entg-connect", "gw2:6979=192.168.0.254")
+        for argv, message in (
+            (["--entg-connect", "gw2:6979", "--entg-connect", "gw3:6979=10.0.0.0/8"],
+             "--entg-connect 'gw2:6979' needs =PREFIX[,PREFIX...]: with several peers each names"),
+            ([*two, "--entg-connect", "gw3:6979=192.168.0.0/24"],
+             "--entg-connect 'gw3:6979=192.168.0.0/24': 192.168.0.0/24 overlaps 192.168.0.254/32 of gw2:6979"),
+            ([*two, "--entg-connect", "gw2:6979=10.0.0.1"], "--entg-connect 'gw2:6979' is given twice"),
+            (["--entg-connect", "gw2:6979=10.0.0.1/8"], "--entg-connect 'gw2:6979=10.0.0.1/8': 10.0.0.1/8 has host bits"),
+            (["--entg-connect", "gw2:6979=ten"], "--entg-connect 'gw2:6979=ten'"),
+            (["--entg-connect", "gw2:0=10.0.0.1"], "--entg-connect 'gw2:0': port 0 is out of range"),
+            ([*two, "--entg-connect", "gw3:6979=10.0.0.1", "--entg-tls-name", "gw"],
+             "--entg-tls-name names one peer"),
+        ):
+            e = self.assertRaises(usage.UsageError, entg, *argv)
+            self.assertIn(message, str(e))
+            self.assertNotIn("\n", str(e))
+
     def test_refusals(self):
-        e = self.assertRaises(usage.UsageError, entg, "--entg-connect", "10.2.0.2:6979",
-                              "--entg-listen", "6979")
-        self.assertIn("exclude", str(e))
         e = self.assertRaises(usage.UsageError, entg, "--enta-listen", "0")
         self.assertIn("out of range", str(e))
         e = self.assertRaises(usage.UsageError, entg, "--entg-listen", "ten")

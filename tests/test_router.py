@@ -275,6 +275,83 @@ class AllowedIpsTests(RouterTestCase):
         self.assertFalse(learner.transport.disconnecting)
 
 
+class PeerRoutesTests(RouterTestCase):
+    """
+    Peers of C{--entg-connect HOST:PORT=PREFIX}: each takes its prefixes only,
+    whether or not the others are up.
+    """
+
+    routes = {"gw2": (ipaddress.ip_network("192.168.0.254/32"),),
+              "gw3": (ipaddress.ip_network("192.168.0.253/32"),)}
+
+    def setUp(self):
+        RouterTestCase.setUp(self)
+        self.router.peerRoutes = sum(self.routes.values(), ())
+
+    def peer(self, name):
+        leg = RelayLeg(self.router, "peer", self.routes[name])
+        leg.makeConnection(WriteCountingTransport())
+        return leg
+
+    def test_eachPeerTakesItsPrefixes(self):
+        agent, gw2, gw3 = self.connect("agent"), self.peer("gw2"), self.peer("gw3")
+        to254, to253 = packet("192.168.0.1", "192.168.0.254"), packet("192.168.0.1", "192.168.0.253")
+        self.send(agent, to254, to253, to254)
+        self.assertEqual(self.take(gw2), frame(to254) * 2)
+        self.assertEqual(self.take(gw3), frame(to253))
+        back = packet("192.168.0.253", "192.168.0.1")
+        self.send(gw3, back)
+        self.assertEqual(self.take(agent), frame(back))
+        self.assertEqual(dict(self.drops.total), {})
+
+    def test_alonePeerWithRoutesTakesNothingElse(self):
+        """
+        One agent and one peer, but the peer named its prefixes: frames for
+        a peer that is away are dropped, not sent to it.
+        """
+        agent, gw2 = self.connect("agent"), self.peer("gw2")
+        self.send(agent, packet("192.168.0.1", "192.168.0.253"), packet("192.168.0.1", "10.0.0.9"))
+        self.assertEqual(self.take(gw2), b"")
+        self.assertEqual(self.drops.total[("agent", "no_route")], 2)
+        self.send(agent, packet("192.168.0.1", "192.168.0.254"))
+        self.assertEqual(len(self.take(gw2)), 4 + 21)
+
+    def test_peerFramesNeverGoToAnotherPeer(self):
+        self.connect("agent")
+        gw2, gw3 = self.peer("gw2"), self.peer("gw3")
+        self.send(gw2, packet("192.168.0.254", "192.168.0.253"))
+        self.assertEqual(self.take(gw3), b"")
+        self.lose(gw3)
+        self.send(gw2, packet("192.168.0.254", "192.168.0.253"))
+        self.assertEqual(self.drops.total[("peer", "peer_to_peer")], 2)
+
+    def test_acceptedPeerLearnsNothingBehindAConnectedOne(self):
+        agent = self.connect("agent")
+        accepted, gw2 = self.connect("peer"), self.peer("gw2")
+        self.send(accepted, packet("192.168.0.253", "192.168.0.1"), packet("10.7.0.1", "192.168.0.1"))
+        self.assertEqual(sorted(ipaddress.ip_address(a) for a in accepted.owned),
+                         [ipaddress.ip_address("10.7.0.1")])
+        self.send(agent, packet("192.168.0.1", "192.168.0.253"), packet("192.168.0.1", "10.7.0.1"))
+        self.assertEqual(self.drops.total[("agent", "no_route")], 1)
+        self.assertEqual(len(self.take(accepted)), 4 + 21)
+        self.assertEqual(self.take(gw2), b"")
+
+    def test_agentHostRouteWinsOverAPeerPrefix(self):
+        """
+        A peer prefix may cover the agents' own network: an agent's address
+        is a host route, longer than any prefix.
+        """
+        self.router.peerRoutes = (ipaddress.ip_network("192.168.0.0/24"),)
+        gw = RelayLeg(self.router, "peer", self.router.peerRoutes)
+        gw.makeConnection(WriteCountingTransport())
+        agent = self.connect("agent")
+        self.send(agent, packet("192.168.0.1", "192.168.0.254"))
+        self.assertEqual(len(self.take(gw)), 4 + 21)
+        self.send(gw, packet("192.168.0.254", "192.168.0.1"))
+        self.assertEqual(len(self.take(agent)), 4 + 21)
+        self.assertEqual(dict(self.drops.total), {})
+
+
 class AgentToAgentTests(RouterTestCase):
     agentToAgent = True
 

@@ -46,11 +46,13 @@ class RelayLeg(FramedLeg):
     relay = True
     refused = False
 
-    def __init__(self, hub, side):
+    def __init__(self, hub, side, routes=()):
         self.side = side
         self.leg = side
         FramedLeg.__init__(self, hub.stats, hub.clock)
         self.hub = hub
+        # The prefixes this leg's --entg-connect routes to it, if any.
+        self.routes = tuple(routes)
         self.gate = None
         self.holds = set()
         self.owned = set()
@@ -93,9 +95,10 @@ class RelayLeg(FramedLeg):
 class RelayLegFactory(Factory):
     noisy = False
 
-    def __init__(self, hub, side):
+    def __init__(self, hub, side, routes=()):
         self.hub = hub
         self.side = side
+        self.routes = tuple(routes)
 
     def buildProtocol(self, addr):
-        return RelayLeg(self.hub, self.side)
+        return RelayLeg(self.hub, self.side, self.routes)
