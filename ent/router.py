@@ -150,6 +150,14 @@ class Router:
     def attach(self, leg):
         side = leg.side
         leg.prefixes = leg.routes or self.configuredPrefixes(leg.identities)
+        if side == "agent" and self.allowedIps and leg.identities and not leg.prefixes:
+            # With --allowed-ips, an authenticated agent is let in by name only.
+            self.log.error(
+                "{leg} {peer} ({identity}) refused: no --allowed-ips entry names it",
+                leg=side, peer=leg.peerName(), identity=leg.identityText(),
+            )
+            self._refuseAtConnect(leg, "identity_not_allowed")
+            return
         clash = self._prefixClash(leg)
         if clash is not None:
             other, prefix = clash
@@ -158,10 +166,7 @@ class Router:
                 leg=side, peer=leg.peerName(), identity=leg.identityText(), prefix=str(prefix),
                 owner=other.peerName(), ownerIdentity=other.identityText(),
             )
-            self.drops.count("address_in_use", leg=side)
-            leg.refused = True
-            leg.pauseProducing()
-            leg.close()
+            self._refuseAtConnect(leg, "address_in_use")
             return
         legs, others = self.legs[side], self.legs[OTHER[side]]
         legs[leg] = None
@@ -182,6 +187,12 @@ class Router:
             for other in others:
                 self.release(other, ALONE)
         self.log.info("relaying between agent and peer gateway")
+
+    def _refuseAtConnect(self, leg, reason):
+        self.drops.count(reason, leg=leg.side)
+        leg.refused = True
+        leg.pauseProducing()
+        leg.close()
 
     def detach(self, leg, reason):
         if not self.attached(leg):

@@ -35,6 +35,7 @@ DROP_REASONS = {
     "agent_to_agent": "from one agent to another on the same gateway (see --agent-to-agent)",
     "peer_to_peer": "from one peer gateway to another",
     "address_in_use": "connection refused: its address or prefix belongs to a live leg",
+    "identity_not_allowed": "connection refused: its certificate names no --allowed-ips entry",
 }
 
 

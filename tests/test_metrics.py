@@ -4,6 +4,7 @@ drop reason reaches its label, the exposition parses, the page is served
 over real HTTP. The real tunnel is scraped in test_observability.
 """
 
+import ipaddress
 import io
 import json
 import socket
@@ -64,7 +65,7 @@ class DropReasonTests(unittest.TestCase):
     """
 
     scenarios = ("framingErrorsOnTheGateway", "otherSideNotConnected", "routingOnTheGateway",
-                 "badPacketsOnTheAgent",
+                 "unlistedIdentityOnTheGateway", "badPacketsOnTheAgent",
                  "tunSideDropsOnTheAgent", "connectionLimitOnTheRelay")
 
     def gateway(self):
@@ -147,6 +148,15 @@ class DropReasonTests(unittest.TestCase):
             ("peer", "peer_to_peer"): 1, ("agent", "source_not_owned"): 1,
             ("agent", "address_in_use"): 1,
         }
+
+    def unlistedIdentityOnTheGateway(self):
+        from tests.test_router import FakeIdentityTransport
+
+        clock = Clock()
+        stats = ServiceStats("entg", clock)
+        hub = RelayHub(stats, clock, allowedIps={"client": [ipaddress.ip_network("192.168.0.0/24")]})
+        RelayLeg(hub, "agent").makeConnection(FakeIdentityTransport(["stranger"]))
+        return stats, {("agent", "identity_not_allowed"): 1}
 
     def badPacketsOnTheAgent(self):
         agent = self.agent()

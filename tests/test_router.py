@@ -266,6 +266,24 @@ class AllowedIpsTests(RouterTestCase):
         self.assertEqual(self.drops.total[("agent", "address_in_use")], 1)
         self.assertNotIn(second, self.router.legs["agent"])
 
+    def test_unlistedIdentityIsRefused(self):
+        """
+        With --allowed-ips, an authenticated agent no entry names is
+        refused at once; an unauthenticated one (plain TCP) still learns.
+        """
+        peer = self.connect("peer")
+        stranger = self.connect("agent", ["intruder", "intruder.example"])
+        self.assertTrue(stranger.transport.disconnecting)
+        self.assertNotIn(stranger, self.router.legs["agent"])
+        self.send(stranger, packet("192.168.9.1", "10.9.0.1"))
+        self.assertEqual(self.take(peer), b"")
+        self.assertEqual(self.drops.total[("agent", "identity_not_allowed")], 1)
+        [refusal] = self.messages("no --allowed-ips entry names it")
+        self.assertEqual(refusal["identity"], "intruder, intruder.example")
+        plain = self.connect("agent")
+        self.send(plain, packet("192.168.9.1", "10.9.0.1"))
+        self.assertEqual(len(self.take(peer)), 4 + 21)
+
     def test_configuredPrefixOverLearnedAddressIsRefused(self):
         learner = self.connect("agent")
         self.connect("peer")
