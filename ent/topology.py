@@ -7,6 +7,8 @@ end-to-end tests and the benchmark.
 
 Nothing is configured in the root namespace: the veth pairs are created
 inside the namespaces, and deleting the namespaces removes everything.
+A test may lay out other hosts and links the same way (C{Topology(hosts=,
+links=)}), e.g. several client hosts in front of one gateway.
 """
 
 import glob
@@ -74,9 +76,15 @@ class Topology:
     namespaces, whatever happened inside.
     """
 
-    def __init__(self, prefix=None, logdir=None):
+    def __init__(self, prefix=None, logdir=None, hosts=HOSTS, links=LINKS):
+        """
+        C{links}: C{(host a, address a, host b, address b)}, each a veth
+        pair with a /24 on either end.
+        """
         self.prefix = prefix or f"ent{os.getpid()}"
         self.logdir = logdir
+        self.hosts = tuple(hosts)
+        self.links = tuple(links)
         self.processes = []
         self.created = []
 
@@ -95,12 +103,12 @@ class Topology:
         self.destroy()
 
     def build(self):
-        for host in HOSTS:
+        for host in self.hosts:
             name = self.ns(host)
             _run("ip", "netns", "add", name)
             self.created.append(name)
             _run("ip", "-n", name, "link", "set", "lo", "up")
-        for index, (a, addressA, b, addressB) in enumerate(LINKS):
+        for index, (a, addressA, b, addressB) in enumerate(self.links):
             devA, devB = f"v{index}{a}", f"v{index}{b}"
             _run("ip", "-n", self.ns(a), "link", "add", devA, "type", "veth",
                  "peer", "name", devB, "netns", self.ns(b))
