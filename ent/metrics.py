@@ -79,7 +79,7 @@ class StatsCollector:
         owned = GaugeMetricFamily(
             "ent_gateway_addresses", "Addresses learned from the legs' frames, by side.", labels=["side"])
         prefixes = GaugeMetricFamily(
-            "ent_gateway_prefixes", "--allowed-ips prefixes owned by connected legs.", value=len(router.prefixes))
+            "ent_gateway_prefixes", "Prefixes (--allowed-ips, --entg-connect) owned by connected legs.", value=len(router.prefixes))
         for side, connected in sorted(router.legs.items()):
             legs.add_metric([side], len(connected))
             paused.add_metric([side], sum(1 for leg in connected if leg.holds))

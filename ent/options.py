@@ -432,20 +432,39 @@ def parsePeerConnect(text):
     the last one: prefixes only if all of it reads as IP networks.
     """
     description, sep, tail = text.rpartition("=")
-    if sep and hostOf(description) is not None or (sep and "/" in tail):
-        routes = []
-        for part in tail.split(","):
-            try:
-                routes.append(ipaddress.ip_network(part.strip()))
-            except ValueError as e:
-                raise ConfigurationError(f"--entg-connect {text!r}: {e}")
-        return description, tuple(routes)
-    if sep:
+    if not sep:
+        return text, ()
+    if hostOf(description) is not None or "/" in tail:
+        return description, _prefixList(tail, f"--entg-connect {text!r}")
+    try:
+        return description, _prefixList(tail, "")
+    except ConfigurationError:
+        return text, ()
+
+
+def _prefixList(text, what):
+    """
+    C{PREFIX[,PREFIX...]} as IP networks, or a L{ConfigurationError} that
+    names C{what}.
+    """
+    prefixes = []
+    for part in text.split(","):
         try:
-            return description, tuple(ipaddress.ip_network(p.strip()) for p in tail.split(","))
-        except ValueError:
-            pass
-    return text, ()
+            prefixes.append(ipaddress.ip_network(part.strip()))
+        except ValueError as e:
+            raise ConfigurationError(f"{what}: {e}")
+    return tuple(prefixes)
+
+
+def _overlap(mine, theirs):
+    """
+    C{(one of mine, one of theirs)} that overlap, or C{None}.
+    """
+    for m in mine:
+        for t in theirs:
+            if t.version == m.version and t.overlaps(m):
+                return m, t
+    return None
 
 
 def _specialAddress(address, network):
@@ -512,11 +531,10 @@ class EntgOptions(SecurityOptions):
         for other in self["entg-peers"]:
             if other.description == description:
                 raise ConfigurationError(f"--entg-connect {description!r} is given twice")
-            for mine in routes:
-                clash = [str(p) for p in other.routes if p.version == mine.version and p.overlaps(mine)]
-                if clash:
-                    raise ConfigurationError(
-                        f"--entg-connect {value!r}: {mine} overlaps {clash[0]} of {other.description}")
+            clash = _overlap(routes, other.routes)
+            if clash:
+                raise ConfigurationError(
+                    f"--entg-connect {value!r}: {clash[0]} overlaps {clash[1]} of {other.description}")
         self["entg-peers"].append(PeerConnect(description, routes, None))
         if self["entg-connect"] is None:
             self["entg-connect"] = description
@@ -537,19 +555,12 @@ class EntgOptions(SecurityOptions):
             raise ConfigurationError(f"--allowed-ips {value!r}: give NAME=PREFIX[,PREFIX...]")
         if name in self["allowed-ips"]:
             raise ConfigurationError(f"--allowed-ips names {name} twice")
-        prefixes = []
-        for part in text.split(","):
-            try:
-                prefixes.append(ipaddress.ip_network(part.strip()))
-            except ValueError as e:
-                raise ConfigurationError(f"--allowed-ips {name}: {e}")
+        prefixes = _prefixList(text, f"--allowed-ips {name}")
         for other, theirs in self["allowed-ips"].items():
-            for mine in prefixes:
-                clash = [str(p) for p in theirs if p.version == mine.version and p.overlaps(mine)]
-                if clash:
-                    raise ConfigurationError(
-                        f"--allowed-ips {name}: {mine} overlaps {clash[0]} of {other}")
-        self["allowed-ips"][name] = tuple(prefixes)
+            clash = _overlap(prefixes, theirs)
+            if clash:
+                raise ConfigurationError(f"--allowed-ips {name}: {clash[0]} overlaps {clash[1]} of {other}")
+        self["allowed-ips"][name] = prefixes
 
     @_usage
     def postOptions(self):
