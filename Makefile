@@ -13,7 +13,8 @@ test:
 bench:
 	bash scripts/bench.sh
 
-# Only the scale row: one gateway, 1, 100 and 1000 agents (bench/scale.md).
+# Only the scale rows: one gateway, 1, 100 and 1000 agents, and the routing
+# cost against main's relay (bench/scale.md).
 bench-scale:
 	bash scripts/setup.sh
 	.venv/bin/python -m bench.scale

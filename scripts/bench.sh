@@ -11,5 +11,6 @@ if ! .venv/bin/python -c "import matplotlib" 2>/dev/null; then
     .venv/bin/pip install -q -e '.[test,bench]'
 fi
 .venv/bin/python -m bench.run "$@"
-# The scale row: one gateway with 1, 100 and 1000 agents (bench/scale.md).
+# The scale rows: one gateway with 1, 100 and 1000 agents, and the routing
+# cost against main's one-to-one relay (bench/scale.md).
 exec .venv/bin/python -m bench.scale
