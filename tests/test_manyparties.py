@@ -22,7 +22,7 @@ from twisted.trial import unittest
 
 from ent import certs
 from ent.topology import ECHOSVR, Topology
-from tests.checks import METRICS, scrapeIn, sha256s
+from tests.checks import METRICS, scrapeIn, sha256s, statusIn
 from tests.netns import requireRoot
 from tests.test_tls import tlsArgs
 
@@ -226,6 +226,10 @@ class TwoPeerGatewaysTests(unittest.TestCase):
         self.assertEqual(p.sources("s254"), {"192.168.0.1"})
         self.assertEqual(p.sources("s253"), {"192.168.0.2"})
         self.assertEqual(scrapeIn(p.topology, "gw1").value("ent_gateway_legs", side="peer"), 2)
+        code, status = statusIn(p.topology, "gw1")
+        self.assertEqual(code, 0, status)
+        self.assertRegex(status, r"peer +10\.2\.0\.2:6979 +- +192\.168\.0\.254/32 ")
+        self.assertRegex(status, r"peer +10\.4\.0\.2:6979 +- +192\.168\.0\.253/32 ")
         self.assertEqual(p.dropped("gw1", "no_route"), 0)
         # Nothing of it went on from one peer to the other.
         self.assertEqual(scrapeIn(p.topology, "gw1").value("ent_dropped_total", leg="peer",
