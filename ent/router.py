@@ -4,8 +4,9 @@ The gateway's router: which leg each frame goes to.
 A gateway holds any number of agent legs and peer-gateway legs. A frame
 from an agent goes to the leg that owns its IP destination; a destination
 nobody owns goes to the only leg of the other side, if there is exactly
-one (so one agent and one peer relay everything to each other, as ENG
-does), else it is dropped as C{no_route}. A frame from a peer is routed the
+one and it is not a peer with prefixes of its own (so one agent and one
+peer relay everything to each other, as ENG does), else it is dropped as
+C{no_route}. A frame from a peer is routed the
 same way among the agents.
 
 Ownership of addresses:
