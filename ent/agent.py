@@ -15,8 +15,8 @@ from ent import hostconfig, netfilter, tun
 from ent.guard import TableGuard
 from ent.errors import EntError
 from ent.flow import Valve
-from ent.framing import HEADER_SIZE, frameSequence
-from ent.packets import wellFormed
+from ent.framing import HEADER_SIZE, frame, frameSequence
+from ent.packets import announcement, wellFormed
 from ent.protocols.framed import FramedLeg
 from ent.stats import ServiceStats
 
@@ -201,6 +201,8 @@ class AgentService(MultiService):
         self.log.info("connected to gateway {peer}", leg=link.leg, peer=link.peerName())
         if self.stopping:
             return
+        if self.options.get("announce"):
+            link.transport.write(frame(announcement(self.options["tun-interface"].ip)))
         admitted = self.guard.gateway(up=True) if self.guard is not None else succeed(None)
         admitted.addCallback(lambda _: self._carry(link))
 

@@ -178,24 +178,26 @@ def makeGatewayService(options, reactor):
 
     def build():
         stats = ServiceStats("entg", reactor)
-        peerConnect = peerListen = None
-        peerSecurity = options["entg-security"]
-        if options["entg-connect"] is not None:
-            peerConnect = secureClient(
-                reactor, clientEndpoint(reactor, options["entg-connect"], "--entg-connect"), peerSecurity,
-                options["entg-connect"], leg="peer", stats=stats,
-            )
-        else:
+        peers = [
+            (secureClient(
+                reactor, clientEndpoint(reactor, peer.description, "--entg-connect"), peer.security,
+                peer.description, leg="peer", stats=stats,
+            ), peer.routes)
+            for peer in options["entg-peers"]
+        ]
+        peerListen = None
+        if options["entg-listen"] is not None:
             peerListen = secureServer(
-                reactor, serverEndpoint(reactor, options["entg-listen"], "--entg-listen"), peerSecurity,
-                options["entg-listen"], leg="peer", stats=stats,
+                reactor, serverEndpoint(reactor, options["entg-listen"], "--entg-listen"),
+                options["entg-listen-security"], options["entg-listen"], leg="peer", stats=stats,
             )
         agentListen = secureServer(
             reactor, serverEndpoint(reactor, options["enta-listen"], "--enta-listen"), options["enta-security"],
             options["enta-listen"], leg="agent", stats=stats,
         )
         service = GatewayService(
-            agentListen, reactor, peerConnect=peerConnect, peerListen=peerListen, stats=stats,
+            agentListen, reactor, peers=peers, peerListen=peerListen, stats=stats,
+            allowedIps=options["allowed-ips"], agentToAgent=bool(options["agent-to-agent"]),
         )
         return guarded("entg", service, options, reactor)
 

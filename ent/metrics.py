@@ -72,6 +72,28 @@ class StatsCollector:
             for hook, packets in sorted(stats.tunnelDrops.items()):
                 contained.add_metric([hook], packets)
             yield contained
+        if stats.router is not None:
+            yield from self._router(stats.router)
+
+    @staticmethod
+    def _router(router):
+        """
+        The gateway's legs by side only: one series per agent would grow
+        with the agents; C{/legs} lists them one by one.
+        """
+        legs = GaugeMetricFamily("ent_gateway_legs", "Legs connected now, by side.", labels=["side"])
+        paused = GaugeMetricFamily(
+            "ent_gateway_legs_paused", "Legs not read now (their target is full or the other side is missing).",
+            labels=["side"])
+        owned = GaugeMetricFamily(
+            "ent_gateway_addresses", "Addresses learned from the legs' frames, by side.", labels=["side"])
+        prefixes = GaugeMetricFamily(
+            "ent_gateway_prefixes", "Prefixes (--allowed-ips, --entg-connect) owned by connected legs.", value=len(router.prefixes))
+        for side, connected in sorted(router.legs.items()):
+            legs.add_metric([side], len(connected))
+            paused.add_metric([side], sum(1 for leg in connected if leg.holds))
+            owned.add_metric([side], sum(len(leg.owned) for leg in connected))
+        yield from (legs, paused, owned, prefixes)
 
     @staticmethod
     def _legs(stats):
@@ -200,6 +222,25 @@ class MetricsPage(Resource):
         return encoder(self.registry)
 
 
+class LegsPage(Resource):
+    """
+    C{/legs}: the gateway's legs one by one, as JSON, for C{ent status}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, stats):
+        Resource.__init__(self)
+        self.stats = stats
+
+    def render_GET(self, request):
+        import json
+
+        request.setHeader("content-type", "application/json")
+        router = self.stats.router
+        return json.dumps(router.report() if router is not None else []).encode()
+
+
 class QuietSite(Site):
     """
     A site that does not log each request: a scrape every few seconds
@@ -215,6 +256,7 @@ class QuietSite(Site):
 def metricsSite(stats):
     root = Resource()
     root.putChild(b"metrics", MetricsPage(registryFor(stats)))
+    root.putChild(b"legs", LegsPage(stats))
     return QuietSite(root)
 
 

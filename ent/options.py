@@ -10,6 +10,7 @@ ENG's flag names are accepted as they were.
 import ipaddress
 import re
 import sys
+from typing import NamedTuple
 
 from twisted.python import usage
 
@@ -51,6 +52,15 @@ def _usage(function):
     wrapper.__doc__ = function.__doc__
     wrapper.__name__ = function.__name__
     return wrapper
+
+
+def _helpText(method):
+    """
+    A flag's docstring as its --help text: twistd keeps a docstring's
+    indentation inside the paragraph, so the lines are joined here.
+    """
+    method.__doc__ = " ".join(method.__doc__.split())
+    return method
 
 
 def _ports(text, what):
@@ -278,6 +288,10 @@ class EntaOptions(SecurityOptions):
     optFlags = [
         ["entg-tls", None, "Protect the leg to the gateway with mutual TLS (--tls-cert, --tls-key, --tls-ca)."],
         ["entg-rats-tls", None, "Protect the leg to the gateway with rats-tls (attested TLS)."],
+        ["announce", None,
+         "On connecting, send the gateway one packet from the TUN address to itself, so a gateway "
+         "with several agents routes to this one before it sends anything (ENG's gateway passes "
+         "it on; the far kernel drops it)."],
     ]
 
     def __init__(self):
@@ -436,7 +450,6 @@ class EntaOptions(SecurityOptions):
             )
         self["peer-addr"] = peer
 
-
     def _services(self):
         """
         The mappings and exposures, ENG's flags as their special cases:
@@ -456,6 +469,60 @@ class EntaOptions(SecurityOptions):
                 raise ConfigurationError(
                     f"{mapping.flag}: {target} is not a far agent's address in the TUN network {interface.network}"
                 )
+
+
+class PeerConnect(NamedTuple):
+    """
+    One C{--entg-connect}: where the peer is, the prefixes that route to
+    it (empty: whatever has no other route, when it is the only peer) and
+    the leg's protection.
+    """
+
+    description: str
+    routes: tuple
+    security: object
+
+
+def parsePeerConnect(text):
+    """
+    C{(description, prefixes)} from C{HOST:PORT[=PREFIX[,PREFIX...]]} or a
+    client endpoint string, whose own C{=} are told apart by what follows
+    the last one: prefixes only if all of it reads as IP networks.
+    """
+    description, sep, tail = text.rpartition("=")
+    if not sep:
+        return text, ()
+    if hostOf(description) is not None or "/" in tail:
+        return description, _prefixList(tail, f"--entg-connect {text!r}")
+    try:
+        return description, _prefixList(tail, "")
+    except ConfigurationError:
+        return text, ()
+
+
+def _prefixList(text, what):
+    """
+    C{PREFIX[,PREFIX...]} as IP networks, or a L{ConfigurationError} that
+    names C{what}.
+    """
+    prefixes = []
+    for part in text.split(","):
+        try:
+            prefixes.append(ipaddress.ip_network(part.strip()))
+        except ValueError as e:
+            raise ConfigurationError(f"{what}: {e}")
+    return tuple(prefixes)
+
+
+def _overlap(mine, theirs):
+    """
+    C{(one of mine, one of theirs)} that overlap, or C{None}.
+    """
+    for m in mine:
+        for t in theirs:
+            if t.version == m.version and t.overlaps(m):
+                return m, t
+    return None
 
 
 def _specialAddress(address, network):
@@ -478,17 +545,18 @@ class EntgOptions(SecurityOptions):
     command = "entg"
     synopsis = "[options]"
     longdesc = (
-        "ENTG: relay frames between this side's agent and the peer gateway. "
-        "One gateway connects to its peer (--entg-connect), the other listens "
-        "(--entg-listen, the default)."
+        "ENTG: relay frames between this side's agents and the peer gateways, "
+        "each frame to the leg that owns its destination address. "
+        "A gateway connects to its peers (--entg-connect, repeatable), "
+        "accepts them (--entg-listen, the default), or both."
     )
 
     optParameters = [
         ["enta-listen", None, str(AGENT_PORT),
          "Where to accept the agent: PORT, ADDR:PORT or a server endpoint string."],
-        ["entg-connect", None, None, "Peer gateway to connect to: HOST:PORT or a client endpoint string."],
         ["entg-listen", None, None,
-         f"Where to accept the peer gateway (default {GATEWAY_PORT} when --entg-connect is not given)."],
+         f"Where to accept peer gateways (default {GATEWAY_PORT} when --entg-connect is not given); "
+         "what lives behind an accepted peer is learned from its frames' sources."],
         ["entg-tls-name", None, None,
          "TLS: the name (DNS or IP) the peer gateway's certificate must carry "
          "(default: the host of --entg-connect)."],
@@ -498,21 +566,90 @@ class EntgOptions(SecurityOptions):
         ["entg-tls", None, "Protect the peer gateway's leg with mutual TLS."],
         ["enta-rats-tls", None, "Protect the agent's leg with rats-tls (attested TLS)."],
         ["entg-rats-tls", None, "Protect the peer gateway's leg with rats-tls."],
+        ["agent-to-agent", None, "Route frames between agents of this gateway (dropped by default)."],
     ]
+
+    def __init__(self):
+        usage.Options.__init__(self)
+        self["allowed-ips"] = {}
+        self["entg-connect"] = None
+        self["entg-peers"] = []
+
+    @_helpText
+    def opt_entg_connect(self, value):
+        """
+        HOST:PORT[=PREFIX[,PREFIX...]] or a client endpoint string: a peer
+        gateway to connect to, and the tunnel addresses behind it (without
+        prefixes, and as the only one: everything). Repeatable.
+        """
+        _usage(self._entgConnect)(value)
+
+    def _entgConnect(self, value):
+        description, routes = parsePeerConnect(value)
+        for other in self["entg-peers"]:
+            if other.description == description:
+                raise ConfigurationError(f"--entg-connect {description!r} is given twice")
+            clash = _overlap(routes, other.routes)
+            if clash:
+                raise ConfigurationError(
+                    f"--entg-connect {value!r}: {clash[0]} overlaps {clash[1]} of {other.description}")
+        self["entg-peers"].append(PeerConnect(description, routes, None))
+        if self["entg-connect"] is None:
+            self["entg-connect"] = description
+
+    @_helpText
+    def opt_allowed_ips(self, value):
+        """
+        NAME=PREFIX[,PREFIX...]: the leg whose TLS peer certificate names
+        NAME (subjectAltName DNS or IP, else CN) owns these prefixes: they
+        route to it, and an agent may send only from them. Repeatable.
+        """
+        _usage(self._allowedIps)(value)
+
+    def _allowedIps(self, value):
+        name, sep, text = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not text.strip():
+            raise ConfigurationError(f"--allowed-ips {value!r}: give NAME=PREFIX[,PREFIX...]")
+        if name in self["allowed-ips"]:
+            raise ConfigurationError(f"--allowed-ips names {name} twice")
+        prefixes = _prefixList(text, f"--allowed-ips {name}")
+        for other, theirs in self["allowed-ips"].items():
+            clash = _overlap(prefixes, theirs)
+            if clash:
+                raise ConfigurationError(f"--allowed-ips {name}: {clash[0]} overlaps {clash[1]} of {other}")
+        self["allowed-ips"][name] = prefixes
 
     @_usage
     def postOptions(self):
         self.checkObservability()
-        if self["entg-connect"] is not None and self["entg-listen"] is not None:
-            raise ConfigurationError("--entg-connect and --entg-listen exclude each other")
-        if self["entg-connect"] is None and self["entg-listen"] is None:
+        peers = self["entg-peers"]
+        if not peers and self["entg-listen"] is None:
             self["entg-listen"] = str(GATEWAY_PORT)
-        if self["entg-connect"] is not None:
-            checkClientDescription(self["entg-connect"], "--entg-connect")
+        if len(peers) > 1:
+            for peer in peers:
+                if not peer.routes:
+                    raise ConfigurationError(
+                        f"--entg-connect {peer.description!r} needs =PREFIX[,PREFIX...]: "
+                        "with several peers each names the tunnel addresses behind it")
+            if self["entg-tls-name"] is not None:
+                raise ConfigurationError(
+                    "--entg-tls-name names one peer: with several --entg-connect each certificate must name its host")
+        for peer in peers:
+            checkClientDescription(peer.description, "--entg-connect")
         for name in ("enta-listen", "entg-listen"):
             if self[name] is not None:
                 checkServerDescription(self[name], f"--{name}")
         self["enta-security"] = self.legSecurity("enta", listen=self["enta-listen"])
-        self["entg-security"] = self.legSecurity(
-            "entg", self["entg-connect"], "entg-tls-name", listen=self["entg-listen"]
-        )
+        self["entg-peers"] = [
+            peer._replace(security=self.legSecurity("entg", peer.description, "entg-tls-name"))
+            for peer in peers
+        ]
+        self["entg-listen-security"] = None
+        if self["entg-listen"] is not None:
+            self["entg-listen-security"] = self.legSecurity("entg", listen=self["entg-listen"])
+        # The peer leg's protection as one value, for what shows it.
+        self["entg-security"] = (self["entg-peers"][0].security if peers else self["entg-listen-security"])
+        if self["allowed-ips"] and "tls" not in (self["enta-security"].kind, self["entg-security"].kind):
+            raise ConfigurationError(
+                "--allowed-ips names TLS identities: give --enta-tls or --entg-tls")

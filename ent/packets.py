@@ -48,3 +48,55 @@ def wellFormed(packets, drops, leg="gateway"):
         else:
             drops.count(problem, leg=leg)
     return good
+
+
+ANNOUNCE_PAYLOAD = b"ent-announce"
+
+
+def announcement(address):
+    """
+    The packet an agent started with C{--announce} sends on connecting: an
+    ICMP echo reply from its TUN address to itself. No kernel sends a
+    packet to its own address into a TUN, so ENT's gateway takes it as the
+    claim of C{address} and passes it on to nobody; ENG's gateway relays
+    it, and the far host's kernel drops it (a reply nobody asked for, from a
+    source that is not on its link).
+    """
+    import ipaddress
+
+    packed = ipaddress.IPv4Address(address).packed
+    icmp = bytearray(8) + ANNOUNCE_PAYLOAD  # type 0 (echo reply), code 0
+    struct.pack_into(">H", icmp, 2, checksum(bytes(icmp)))
+    header = bytearray(20)
+    header[0] = 0x45
+    struct.pack_into(">H", header, 2, 20 + len(icmp))
+    header[8] = 64  # TTL
+    header[9] = 1  # ICMP
+    header[12:16] = packed
+    header[16:20] = packed
+    struct.pack_into(">H", header, 10, checksum(bytes(header)))
+    return bytes(header) + bytes(icmp)
+
+
+ANNOUNCE_SIZE = 20 + 8 + len(ANNOUNCE_PAYLOAD)
+
+
+def isAnnouncement(data, start, length):
+    """
+    Whether the packet of C{length} bytes at C{start} in C{data} is an
+    L{announcement} (its addresses are checked by the caller).
+    """
+    return (length == ANNOUNCE_SIZE and data[start] == 0x45 and data[start + 9] == 1
+            and data[start + 20] == 0 and data[start + 28:start + length] == ANNOUNCE_PAYLOAD)
+
+
+def checksum(data):
+    """
+    The Internet checksum (RFC 1071) of C{data}.
+    """
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f">{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF

@@ -30,6 +30,12 @@ DROP_REASONS = {
     "tun_write_failed": "the kernel refused the packet on the TUN",
     "other_side_not_connected": "the other side of the gateway is not connected",
     "connection_limit": "connection refused: the limit of open connections is reached",
+    "no_route": "no connected leg owns the destination, and it has no default leg",
+    "source_not_owned": "the agent sent from an address it does not own",
+    "agent_to_agent": "from one agent to another on the same gateway (see --agent-to-agent)",
+    "peer_to_peer": "from one peer gateway to another",
+    "address_in_use": "connection refused: its address or prefix belongs to a live leg",
+    "identity_not_allowed": "connection refused: its certificate names no --allowed-ips entry",
 }
 
 
@@ -154,11 +160,13 @@ class ServiceStats:
         self.drops = DropReporter(clock, service)
         self.legs = {}
         self.handshakeFailures = Counter()
-        # The agent's TUN counters, the relay's connection counters.
+        # The agent's TUN counters, the relay's connection counters, the
+        # gateway's router (its legs, for status).
         self.tun = None
         self.relay = None
         # The agent's containment drops ({hook: packets}), when it reads them.
         self.tunnelDrops = None
+        self.router = None
 
     def start(self):
         self.started = self.clock.seconds()

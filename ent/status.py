@@ -6,6 +6,7 @@ Exit code 0 when every leg is up, 1 when one is down, 2 when the metrics
 cannot be read.
 """
 
+import json
 import sys
 import time
 import urllib.error
@@ -82,9 +83,43 @@ def duration(seconds):
     return f"{days}d {text}" if days else text
 
 
-def summary(scrape, url, now=None):
+# Legs listed one by one; beyond this many, a count.
+MAX_LEGS_SHOWN = 50
+
+
+def legsUrl(url):
     """
-    The lines to print and the exit code.
+    The gateway's C{/legs} beside its metrics URL.
+    """
+    base, _, _ = url.rpartition("/")
+    return f"{base}/legs"
+
+
+def legLines(legs):
+    """
+    One line per gateway leg: side, peer, identity, addresses, time up,
+    counters.
+    """
+    agents = sum(1 for leg in legs if leg["side"] == "agent")
+    lines = [f"  {'legs':<18}{count(agents, 'agent')}, {count(len(legs) - agents, 'peer')}"]
+    for leg in legs[:MAX_LEGS_SHOWN]:
+        addresses = ", ".join(leg["addresses"])
+        if leg["addressCount"] > len(leg["addresses"]):
+            addresses += f" (+{leg['addressCount'] - len(leg['addresses'])})"
+        lines.append(
+            f"  {'':<18}{leg['side']:<6}{leg['peer']:<22}{leg['identity']:<16}{addresses or '-':<18}"
+            f"  up {duration(leg['up'])}{', paused' if leg['paused'] else ''}; "
+            f"in {count(leg['packetsReceived'], 'packet')} ({size(leg['bytesReceived'])}), "
+            f"out {count(leg['packetsSent'], 'packet')} ({size(leg['bytesSent'])})"
+        )
+    if len(legs) > MAX_LEGS_SHOWN:
+        lines.append(f"  {'':<18}… and {len(legs) - MAX_LEGS_SHOWN:,} more")
+    return lines
+
+
+def summary(scrape, url, now=None, legs=None):
+    """
+    The lines to print and the exit code; C{legs} is a gateway's C{/legs}.
     """
     now = time.time() if now is None else now
     info = scrape.find("ent_info")
@@ -112,6 +147,9 @@ def summary(scrape, url, now=None):
             f"{count(scrape.value('ent_leg_packets_total', leg=leg, direction='sent'), 'packet')} "
             f"({size(scrape.value('ent_leg_bytes_total', leg=leg, direction='sent'))})"
         )
+
+    if legs is not None:
+        lines.extend(legLines(legs))
 
     if scrape.find("ent_tun_packets_total"):
         wakeups = scrape.value("ent_tun_read_batch_packets_count")
@@ -186,7 +224,13 @@ def main(argv=None):
     if not scrape.find("ent_info"):
         print(f"{url} does not serve ENT metrics (no ent_info)", file=sys.stderr)
         return UNREACHABLE
-    lines, code = summary(scrape, url)
+    legs = None
+    if scrape.find("ent_gateway_legs"):
+        try:
+            legs = json.loads(fetch(legsUrl(url), args.timeout))
+        except (OSError, urllib.error.URLError, ValueError):
+            legs = None  # an older gateway: the summary without its legs
+    lines, code = summary(scrape, url, legs=legs)
     print("\n".join(lines))
     return code
 

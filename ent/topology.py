@@ -7,6 +7,8 @@ end-to-end tests and the benchmark.
 
 Nothing is configured in the root namespace: the veth pairs are created
 inside the namespaces, and deleting the namespaces removes everything.
+A test may lay out other hosts and links the same way (C{Topology(hosts=,
+links=)}), e.g. several client hosts in front of one gateway.
 """
 
 import glob
@@ -55,6 +57,17 @@ def twistdCommand():
     return [found]
 
 
+def residentMemory(pid):
+    """
+    Resident memory of process C{pid}, in bytes.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 class Topology:
     """
     Four namespaces joined by veth links, and the processes started in them.
@@ -63,9 +76,15 @@ class Topology:
     namespaces, whatever happened inside.
     """
 
-    def __init__(self, prefix=None, logdir=None):
+    def __init__(self, prefix=None, logdir=None, hosts=HOSTS, links=LINKS):
+        """
+        C{links}: C{(host a, address a, host b, address b)}, each a veth
+        pair with a /24 on either end.
+        """
         self.prefix = prefix or f"ent{os.getpid()}"
         self.logdir = logdir
+        self.hosts = tuple(hosts)
+        self.links = tuple(links)
         self.processes = []
         self.created = []
 
@@ -84,12 +103,12 @@ class Topology:
         self.destroy()
 
     def build(self):
-        for host in HOSTS:
+        for host in self.hosts:
             name = self.ns(host)
             _run("ip", "netns", "add", name)
             self.created.append(name)
             _run("ip", "-n", name, "link", "set", "lo", "up")
-        for index, (a, addressA, b, addressB) in enumerate(LINKS):
+        for index, (a, addressA, b, addressB) in enumerate(self.links):
             devA, devB = f"v{index}{a}", f"v{index}{b}"
             _run("ip", "-n", self.ns(a), "link", "add", devA, "type", "veth",
                  "peer", "name", devB, "netns", self.ns(b))
@@ -214,11 +233,7 @@ class Tunnel:
         """
         Resident memory of C{host}'s ENT process, in bytes.
         """
-        with open(f"/proc/{self.services[host].pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no VmRSS for {host}")
+        return residentMemory(self.services[host].pid)
 
     def startAll(self):
         t = self.topology

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up this machine for ENT, add what the benchmark needs (OpenVPN, iperf3,
 # socat from Debian; matplotlib from PyPI), then run the benchmark in
-# network namespaces. Writes bench/results.md and bench/results.png.
+# network namespaces. Writes bench/results.md and bench/results.png, and
+# bench/scale.md (one gateway with many agents).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh openvpn
@@ -9,4 +10,7 @@ bash scripts/setup.sh openvpn
 if ! .venv/bin/python -c "import matplotlib" 2>/dev/null; then
     .venv/bin/pip install -q -e '.[test,bench]'
 fi
-exec .venv/bin/python -m bench.run "$@"
+.venv/bin/python -m bench.run "$@"
+# The scale rows: one gateway with 1, 100 and 1000 agents, and the routing
+# cost against main's one-to-one relay (bench/scale.md).
+exec .venv/bin/python -m bench.scale

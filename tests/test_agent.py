@@ -67,6 +67,18 @@ class AgentDataPathTests(unittest.TestCase):
         self.assertIs(link.transport.producer.producer, self.tun)
         self.assertTrue(link.transport.streaming)
 
+    def test_announceOnConnecting(self):
+        """
+        With --announce the first frame on every new link is the agent's
+        announcement; without it the link carries only the TUN's packets.
+        """
+        from ent.framing import frame
+        from ent.packets import announcement
+
+        self.assertEqual(self.connect().transport.value(), b"")
+        self.agent.options["announce"] = True
+        self.assertEqual(self.connect().transport.value(), frame(announcement("192.168.0.1")))
+
     def test_tunBatchSentFramed(self):
         link = self.connect()
         packets = [b"\x45" * 20, b"\x60" * 40]
@@ -126,6 +138,29 @@ class GatewayServiceTests(unittest.TestCase):
         self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("10.2.0.2", 6979)])
         self.assertEqual([port for port, *_ in reactor.tcpServers], [6980])
         service.stopService()
+
+    def test_connectsToEachPeerAndListens(self):
+        """
+        One connection per peer, each leg built with its own prefixes, and
+        peers accepted beside them.
+        """
+        reactor = MemoryReactorClock()
+        routes2, routes3 = (ipaddress.ip_network("192.168.0.254/32"),), (ipaddress.ip_network("192.168.0.253/32"),)
+        service = GatewayService(
+            TCP4ServerEndpoint(reactor, 6980), reactor,
+            peers=[(TCP4ClientEndpoint(reactor, "10.2.0.2", 6979), routes2),
+                   (TCP4ClientEndpoint(reactor, "10.3.0.2", 6979), routes3)],
+            peerListen=TCP4ServerEndpoint(reactor, 6979),
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        clients = {(h, p): factory for h, p, factory, *_ in reactor.tcpClients}
+        self.assertEqual(sorted(clients), [("10.2.0.2", 6979), ("10.3.0.2", 6979)])
+        self.assertEqual(sorted(port for port, *_ in reactor.tcpServers), [6979, 6980])
+        self.assertEqual(service.hub.peerRoutes, routes2 + routes3)
+        # The endpoint wraps each leg (twisted.internet.endpoints).
+        legs = [factory.buildProtocol(None)._wrappedProtocol for factory in clients.values()]
+        self.assertEqual(sorted(leg.routes for leg in legs), sorted([routes2, routes3]))
 
 
 class AgentStopTests(unittest.TestCase):

@@ -31,29 +31,46 @@ class TwoTunnels:
     ENT's services for both tunnels, and the echo server behind them.
     """
 
-    def __init__(self, testCase):
+    def __init__(self, testCase, sharedGateways=False, extraArgs=lambda host, name: (), announce=None):
+        """
+        C{sharedGateways}: both tunnels through one gateway on each side
+        (the ports of tunnel a), which routes by address; the server agents
+        announce themselves, as they send nothing before they are reached.
+        C{extraArgs(host, tunnel)} gives more arguments for each service.
+        """
+        announce = sharedGateways if announce is None else announce
+        self.extraArgs = extraArgs
         self.topology = t = Topology(logdir=tempfile.mkdtemp(prefix="ent-agents-")).__enter__()
         testCase.addCleanup(t.destroy)
+        self.shared = sharedGateways
         self.services = {}
         t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7", name="echo")
-        for name, (tun, dport, serverTun, client, server, agentPort, peerPort) in TUNNELS.items():
+        for name in ("a",) if sharedGateways else TUNNELS:
+            _, _, _, _, _, agentPort, peerPort = TUNNELS[name]
             t.twistd("gw2", "entg", "--entg-listen", str(peerPort), "--enta-listen", str(agentPort),
-                     name=f"gw2-{name}")
+                     *extraArgs("gw2", name), name=f"gw2-{name}")
             t.twistd("gw1", "entg", "--entg-connect", f"{ADDRESS['gw2']}:{peerPort}",
-                     "--enta-listen", str(agentPort), name=f"gw1-{name}")
+                     "--enta-listen", str(agentPort), *extraArgs("gw1", name), name=f"gw1-{name}")
+        for name, (tun, dport, serverTun, client, server, agentPort, peerPort) in TUNNELS.items():
             t.twistd("server", "enta", "--replay", "7", "--tun-name", serverTun,
                      "--tun-addr", f"{server}/24", "--peer-addr", client,
-                     "--entg-connect", f"{ADDRESS['gw2.agent']}:{agentPort}", name=f"server-{name}")
+                     "--entg-connect", f"{ADDRESS['gw2.agent']}:{self.agentPort(name)}",
+                     *(["--announce"] if announce else []), *extraArgs("server", name),
+                     name=f"server-{name}")
             self.startClient(name)
         for name in TUNNELS:
             self.waitUp(name)
 
+    def agentPort(self, name):
+        return TUNNELS["a" if self.shared else name][5]
+
     def startClient(self, name):
-        tun, dport, _, client, server, agentPort, _ = TUNNELS[name]
+        tun, dport, _, client, server, _, _ = TUNNELS[name]
         self.services[name] = self.topology.twistd(
             "client", "enta", "--dport", str(dport), "--tun-name", tun,
             "--tun-addr", f"{client}/24", "--peer-addr", server,
-            "--entg-connect", f"{ADDRESS['gw1.agent']}:{agentPort}", name=f"client-{name}",
+            "--entg-connect", f"{ADDRESS['gw1.agent']}:{self.agentPort(name)}",
+            *self.extraArgs("client", name), name=f"client-{name}",
         )
 
     def waitUp(self, name):

@@ -4,6 +4,7 @@ drop reason reaches its label, the exposition parses, the page is served
 over real HTTP. The real tunnel is scraped in test_observability.
 """
 
+import ipaddress
 import io
 import json
 import socket
@@ -63,7 +64,8 @@ class DropReasonTests(unittest.TestCase):
     exposition under its own leg and reason.
     """
 
-    scenarios = ("framingErrorsOnTheGateway", "otherSideNotConnected", "badPacketsOnTheAgent",
+    scenarios = ("framingErrorsOnTheGateway", "otherSideNotConnected", "routingOnTheGateway",
+                 "unlistedIdentityOnTheGateway", "badPacketsOnTheAgent",
                  "tunSideDropsOnTheAgent", "connectionLimitOnTheRelay")
 
     def gateway(self):
@@ -130,6 +132,32 @@ class DropReasonTests(unittest.TestCase):
         connect("agent").dataReceived(frame(ipv4(b"a")) + frame(ipv4(b"b")))
         return stats, {("agent", "other_side_not_connected"): 2}
 
+    def routingOnTheGateway(self):
+        from tests.test_router import packet
+
+        stats, clock, connect = self.gateway()
+        a, b = connect("agent"), connect("agent")
+        p1, p2 = connect("peer"), connect("peer")
+        a.dataReceived(frame(packet("10.0.0.1", "10.0.0.2")))  # a owns .1; two peers, no route
+        b.dataReceived(frame(packet("10.0.0.3", "10.0.0.1")))  # b owns .3; to agent a
+        p1.dataReceived(frame(packet("10.9.0.1", "10.0.0.9")))  # two agents, no route
+        p2.dataReceived(frame(packet("10.9.0.2", "10.9.0.1")))  # to peer p1
+        b.dataReceived(frame(packet("10.0.0.1", "10.9.0.1")))  # a's address: b is refused
+        return stats, {
+            ("agent", "no_route"): 1, ("agent", "agent_to_agent"): 1, ("peer", "no_route"): 1,
+            ("peer", "peer_to_peer"): 1, ("agent", "source_not_owned"): 1,
+            ("agent", "address_in_use"): 1,
+        }
+
+    def unlistedIdentityOnTheGateway(self):
+        from tests.test_router import FakeIdentityTransport
+
+        clock = Clock()
+        stats = ServiceStats("entg", clock)
+        hub = RelayHub(stats, clock, allowedIps={"client": [ipaddress.ip_network("192.168.0.0/24")]})
+        RelayLeg(hub, "agent").makeConnection(FakeIdentityTransport(["stranger"]))
+        return stats, {("agent", "identity_not_allowed"): 1}
+
     def badPacketsOnTheAgent(self):
         agent = self.agent()
         link = GatewayLink(agent)
@@ -191,7 +219,7 @@ class CollectorTests(unittest.TestCase):
         self.assertEqual(found.value("ent_leg_packets_total", leg="peer", direction="sent"), 2)
         self.assertEqual(found.value("ent_leg_bytes_total", leg="peer", direction="sent"), len(data))
         self.assertEqual(found.value("ent_leg_up", leg="agent"), 1)
-        # A second agent replaces the first: the leg stays up, one reconnect.
+        # A second agent comes, the first goes: the leg stays up, one reconnect.
         second = RelayLeg(hub, "agent")
         second.makeConnection(StringTransport())
         agent.connectionLost(Failure(ConnectionDone()))
@@ -244,6 +272,41 @@ class MetricsHttpTests(unittest.TestCase):
         self.assertEqual(found.value("ent_dropped_total", leg="incoming", reason="connection_limit"), 4)
         code = await deferToThread(status.main, ["--metrics", url])
         self.assertEqual(code, status.UP)
+
+    async def test_gatewayLegsOneByOne(self):
+        """
+        A gateway's legs are counted by side in the metrics, and listed one
+        by one on /legs and in the status summary.
+        """
+        from tests.test_router import FakeIdentityTransport, packet
+
+        stats = ServiceStats("entg", reactor)
+        hub = RelayHub(stats, reactor)
+        legs = []
+        for side, names in (("agent", ["client"]), ("agent", None), ("peer", None)):
+            leg = RelayLeg(hub, side)
+            leg.makeConnection(FakeIdentityTransport(names or []))
+            legs.append(leg)
+        legs[0].dataReceived(frame(packet("192.168.0.1", "10.9.0.1")))
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(metricsSite(stats))
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/metrics"
+        found = status.Scrape(await deferToThread(status.fetch, url, 5))
+        self.assertEqual(found.value("ent_gateway_legs", side="agent"), 2)
+        self.assertEqual(found.value("ent_gateway_legs", side="peer"), 1)
+        self.assertEqual(found.value("ent_gateway_addresses", side="agent"), 1)
+        listed = json.loads(await deferToThread(status.fetch, status.legsUrl(url), 5))
+        self.assertEqual([(leg["side"], leg["identity"]) for leg in listed],
+                         [("agent", "client"), ("agent", "-"), ("peer", "-")])
+        lines, code = status.summary(found, url, legs=listed)
+        text = "\n".join(lines)
+        self.assertIn("2 agents, 1 peer", text)
+        self.assertRegex(text, r"agent +\S+ +client +192\.168\.0\.1 +up 0:00:00; in 1 packet \(25 B\), "
+                               r"out 0 packets")
+        self.assertRegex(text, r"peer .*in 0 packets \(0 B\), out 1 packet \(25 B\)")
+        many = status.legLines([dict(listed[0], peer=f"10.1.0.{i}:1") for i in range(60)])
+        self.assertEqual(len(many), 1 + status.MAX_LEGS_SHOWN + 1)
+        self.assertIn("… and 10 more", many[-1])
 
     def test_unreachableIsExitCode2(self):
         with socket.socket() as probe:

@@ -23,6 +23,19 @@ def entg(*argv):
     return options
 
 
+def emptyFiles(testCase, *names):
+    """
+    Empty files named C{names} in a new directory: the TLS options refuse a
+    path that cannot be read.
+    """
+    directory = testCase.mktemp()
+    os.mkdir(directory)
+    paths = [os.path.join(directory, name) for name in names]
+    for path in paths:
+        open(path, "w").close()
+    return paths
+
+
 class EntaOptionsTests(unittest.TestCase):
     def test_captureDefaults(self):
         o = enta("--dport", "7")
@@ -112,28 +125,89 @@ class EntgOptionsTests(unittest.TestCase):
         self.assertEqual(o["entg-connect"], "10.2.0.2:6979")
         self.assertIsNone(o["entg-listen"])
 
+    def test_connectAndListen(self):
+        """
+        A gateway may both connect to peers and accept others.
+        """
+        o = entg("--entg-connect", "10.2.0.2:6979", "--entg-listen", "6979")
+        self.assertEqual((o["entg-connect"], o["entg-listen"]), ("10.2.0.2:6979", "6979"))
+        self.assertEqual(o["entg-listen-security"].kind, "tcp")
+
+    def test_severalPeers(self):
+        o = entg("--entg-connect", "10.2.0.2:6979=192.168.0.254/32",
+                 "--entg-connect", "gw3:6979=192.168.0.253,fd00::/64",
+                 "--entg-connect", "vsock:3:6979=10.0.0.0/8")
+        self.assertEqual([(p.description, p.routes) for p in o["entg-peers"]], [
+            ("10.2.0.2:6979", (ipaddress.ip_network("192.168.0.254/32"),)),
+            ("gw3:6979", (ipaddress.ip_network("192.168.0.253/32"), ipaddress.ip_network("fd00::/64"))),
+            ("vsock:3:6979", (ipaddress.ip_network("10.0.0.0/8"),)),
+        ])
+        self.assertEqual([p.security.kind for p in o["entg-peers"]], ["tcp"] * 3)
+        self.assertEqual(o["entg-connect"], "10.2.0.2:6979")
+        self.assertIsNone(o["entg-listen"])
+
+    def test_endpointStringKeepsItsEquals(self):
+        o = entg("--entg-connect", "tcp:host=10.2.0.2:port=6979")
+        self.assertEqual([(p.description, p.routes) for p in o["entg-peers"]],
+                         [("tcp:host=10.2.0.2:port=6979", ())])
+
+    def test_severalPeersNameTheirCertificateHosts(self):
+        cert, key, ca = emptyFiles(self, "c.pem", "c.key", "ca.pem")
+        o = entg("--entg-tls", "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca,
+                 "--entg-connect", "gw2:6979=192.168.0.254", "--entg-connect", "gw3:6979=192.168.0.253")
+        self.assertEqual([p.security.peerName for p in o["entg-peers"]], ["gw2", "gw3"])
+
+    def test_peerRefusals(self):
+        two = ("--entg-connect", "gw2:6979=192.168.0.254")
+        for argv, message in (
+            (["--entg-connect", "gw2:6979", "--entg-connect", "gw3:6979=10.0.0.0/8"],
+             "--entg-connect 'gw2:6979' needs =PREFIX[,PREFIX...]: with several peers each names"),
+            ([*two, "--entg-connect", "gw3:6979=192.168.0.0/24"],
+             "--entg-connect 'gw3:6979=192.168.0.0/24': 192.168.0.0/24 overlaps 192.168.0.254/32 of gw2:6979"),
+            ([*two, "--entg-connect", "gw2:6979=10.0.0.1"], "--entg-connect 'gw2:6979' is given twice"),
+            (["--entg-connect", "gw2:6979=10.0.0.1/8"], "--entg-connect 'gw2:6979=10.0.0.1/8': 10.0.0.1/8 has host bits"),
+            (["--entg-connect", "gw2:6979=ten"], "--entg-connect 'gw2:6979=ten'"),
+            (["--entg-connect", "gw2:0=10.0.0.1"], "--entg-connect 'gw2:0': port 0 is out of range"),
+            ([*two, "--entg-connect", "gw3:6979=10.0.0.1", "--entg-tls-name", "gw"],
+             "--entg-tls-name names one peer"),
+        ):
+            e = self.assertRaises(usage.UsageError, entg, *argv)
+            self.assertIn(message, str(e))
+            self.assertNotIn("\n", str(e))
+
     def test_refusals(self):
-        e = self.assertRaises(usage.UsageError, entg, "--entg-connect", "10.2.0.2:6979",
-                              "--entg-listen", "6979")
-        self.assertIn("exclude", str(e))
         e = self.assertRaises(usage.UsageError, entg, "--enta-listen", "0")
         self.assertIn("out of range", str(e))
         e = self.assertRaises(usage.UsageError, entg, "--entg-listen", "ten")
         self.assertIn("neither [ADDR:]PORT", str(e))
 
+    def test_allowedIps(self):
+        cert, key, ca = emptyFiles(self, "c.pem", "c.key", "ca.pem")
+        tls = ("--enta-tls", "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca)
+        o = entg(*tls, "--allowed-ips", "client=192.168.0.0/24,fd00::/64",
+                 "--allowed-ips", "10.1.0.1=192.168.1.1/32", "--agent-to-agent")
+        self.assertEqual(o["allowed-ips"], {
+            "client": (ipaddress.ip_network("192.168.0.0/24"), ipaddress.ip_network("fd00::/64")),
+            "10.1.0.1": (ipaddress.ip_network("192.168.1.1/32"),),
+        })
+        self.assertTrue(o["agent-to-agent"])
+        self.assertEqual(entg()["allowed-ips"], {})
+        for argv, message in (
+            (["--allowed-ips", "client"], "give NAME=PREFIX"),
+            (["--allowed-ips", "client=192.168.0.1/24"], "has host bits set"),
+            (["--allowed-ips", "a=10.0.0.0/8", "--allowed-ips", "b=10.1.0.0/16"],
+             "b: 10.1.0.0/16 overlaps 10.0.0.0/8 of a"),
+            (["--allowed-ips", "a=10.0.0.0/8", "--allowed-ips", "a=11.0.0.0/8"], "names a twice"),
+        ):
+            e = self.assertRaises(usage.UsageError, entg, *tls, *argv)
+            self.assertIn(message, str(e))
+        e = self.assertRaises(usage.UsageError, entg, "--allowed-ips", "a=10.0.0.0/8")
+        self.assertIn("give --enta-tls or --entg-tls", str(e))
+
 
 class SecurityOptionsTests(unittest.TestCase):
     def files(self, *names):
-        """
-        Empty files named C{names} in a new directory: the TLS options
-        refuse a path that cannot be read.
-        """
-        directory = self.mktemp()
-        os.mkdir(directory)
-        paths = [os.path.join(directory, name) for name in names]
-        for path in paths:
-            open(path, "w").close()
-        return paths
+        return emptyFiles(self, *names)
 
     def test_plainByDefault(self):
         self.assertEqual(enta("--dport", "7")["entg-security"].kind, "tcp")

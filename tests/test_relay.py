@@ -9,10 +9,10 @@ from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
 from twisted.trial import unittest
 
-from ent.flow import Valve
 from ent.framing import frame, frameSequence
 from ent.gateway import RelayHub
 from ent.protocols.relay import RelayLeg
+from ent.router import ALONE
 from ent.stats import ServiceStats
 
 
@@ -38,13 +38,21 @@ class RelayHubTests(unittest.TestCase):
         self.assertEqual(agent.transport.producerState, "paused")
 
     def test_joinedSidesFeedEachOther(self):
+        """
+        Each side, once it has written to the other, is paused while the
+        other's buffer is full, and resumed when it drains.
+        """
         agent = connect(self.hub, "agent")
         peer = connect(self.hub, "peer")
         self.assertEqual(agent.transport.producerState, "producing")
         self.assertEqual(peer.transport.producerState, "producing")
-        self.assertIsInstance(agent.transport.producer, Valve)
-        self.assertIs(agent.transport.producer.producer, peer)
-        self.assertIs(peer.transport.producer.producer, agent)
+        agent.dataReceived(frame(b"\x45" * 20))
+        peer.dataReceived(frame(b"\x45" * 20))
+        for source, target in ((agent, peer), (peer, agent)):
+            target.transport.producer.pauseProducing()
+            self.assertEqual(source.transport.producerState, "paused")
+            target.transport.producer.resumeProducing()
+            self.assertEqual(source.transport.producerState, "producing")
 
     def test_framesRelayedBothWays(self):
         agent = connect(self.hub, "agent")
@@ -63,7 +71,7 @@ class RelayHubTests(unittest.TestCase):
         peer = connect(self.hub, "peer")
         lose(peer)
         self.assertEqual(agent.transport.producerState, "paused")
-        self.assertIsNone(agent.transport.producer)
+        self.assertEqual(agent.holds, {ALONE})  # nothing of the lost peer holds it
         newPeer = connect(self.hub, "peer")
         self.assertEqual(agent.transport.producerState, "producing")
         agent.dataReceived(frame(b"\x45" * 20))
@@ -80,14 +88,25 @@ class RelayHubTests(unittest.TestCase):
         self.assertEqual(peer.transport.value(), frame(b"\x45" * 8))
         self.assertEqual(self.drops.total[("agent", "partial_frame_cut_off")], 1)
 
-    def test_newConnectionReplacesOld(self):
+    def test_secondAgentWithTheSameAddressIsRefused(self):
+        """
+        A second agent leg no longer replaces the first: sending from the
+        address the first owns closes it, and the first carries on.
+        """
         first = connect(self.hub, "agent")
         peer = connect(self.hub, "peer")
+        packet = b"\x45" * 20
+        first.dataReceived(frame(packet))
         second = connect(self.hub, "agent")
-        self.assertTrue(first.transport.disconnecting)
-        lose(first)  # the old one's loss must not detach the new one
-        second.dataReceived(frame(b"\x45"))
-        self.assertEqual(peer.transport.value(), frame(b"\x45"))
+        self.assertFalse(first.transport.disconnecting)
+        second.dataReceived(frame(packet))
+        self.assertTrue(second.transport.disconnecting)
+        self.assertFalse(first.transport.disconnecting)
+        lose(second)  # the refused one's loss must not detach the first
+        first.dataReceived(frame(packet))
+        self.assertEqual(peer.transport.value(), frame(packet) * 2)
+        self.assertEqual(self.drops.total[("agent", "address_in_use")], 1)
+        self.assertEqual(self.drops.total[("agent", "source_not_owned")], 1)
 
     def test_framingErrorDropsOnlyThatConnection(self):
         agent = connect(self.hub, "agent")
@@ -166,7 +185,7 @@ class RelayHubTests(unittest.TestCase):
         """
         agent = connect(self.hub, "agent")
         peer = connect(self.hub, "peer")
-        agent.dataReceived(frame(b"\x45" * 1000)[:10])
+        agent.dataReceived(frame(b"\x45" * 20) + frame(b"\x45" * 1000)[:10])
         peer.transport.producer.pauseProducing()  # peer's buffer is full
         self.assertEqual(agent.transport.producerState, "paused")
         self.clock.advance(agent.partialFrameTimeout * 3)

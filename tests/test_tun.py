@@ -12,16 +12,8 @@ from twisted.trial import unittest
 
 from ent import hostconfig, tun
 from ent.errors import TunError
+from ent.packets import checksum
 from tests.netns import enterNewNamespace
-
-
-def checksum(data):
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def icmpEcho(source, destination, ident, payload):

@@ -164,6 +164,11 @@ class StrictValueTests(unittest.TestCase):
         self.assertRefused(enta, ["--peer-addr", "1.2.3", "--dport", "7"],
                            "--peer-addr '1.2.3': Expected 4 octets in '1.2.3'")
         self.assertRefused(entg, ["--entg-connect", "gw:0"], "--entg-connect 'gw:0': port 0 is out of range 1-65535")
+        self.assertRefused(entg, ["--entg-connect", "gw:6979=10.0.0.0/33"],
+                           "--entg-connect 'gw:6979=10.0.0.0/33': '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network")
+        self.assertRefused(entg, ["--entg-connect", "gw2:6979", "--entg-connect", "gw3:6979=10.3.0.0/16"],
+                           "--entg-connect 'gw2:6979' needs =PREFIX[,PREFIX...]: "
+                           "with several peers each names the tunnel addresses behind it")
 
     def test_names(self):
         for name in ("a:b", ".", "tun%d", "a b", "", "sixteen-bytes-xx"):

@@ -1,33 +1,91 @@
 """
-The gateway's legs: frames from one side are relayed, still framed, to the
-other. Only whole frames are passed on, so a side that drops mid-frame
-cannot corrupt the stream of the side that stays.
+The gateway's legs: frames from one leg are relayed, still framed, to the
+leg the router picks. Only whole frames are passed on, so a leg that drops
+mid-frame cannot corrupt the stream of the others.
 """
 
+import socket
+
+from twisted.internet.interfaces import ISystemHandle
 from twisted.internet.protocol import Factory
 
+from ent.identity import peerIdentities
 from ent.protocols.framed import FramedLeg
+
+# A leg whose peer vanished without a close (host down, path cut) holds its
+# addresses until it is known dead; keepalive finds out after about
+# KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL seconds of silence.
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+
+
+def keepAlive(transport):
+    """
+    Probe an idle TCP leg, so a dead peer's leg is closed and its addresses
+    freed for the agent's next connection.
+    """
+    if not ISystemHandle.providedBy(transport):
+        return
+    try:
+        handle = transport.getHandle()
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (unix, vsock)
 
 
 class RelayLeg(FramedLeg):
     """
-    One side of the gateway: C{side} is C{"agent"} or C{"peer"}.
+    One leg of the gateway: C{side} is C{"agent"} or C{"peer"}; the router
+    keeps what it knows of the leg on it (gate, holds, addresses).
     """
 
     relay = True
+    refused = False
 
-    def __init__(self, hub, side):
+    def __init__(self, hub, side, routes=()):
         self.side = side
         self.leg = side
         FramedLeg.__init__(self, hub.stats, hub.clock)
         self.hub = hub
-        # The Valve registered as this leg's transport's producer, if any.
-        self.feeding = None
+        # The prefixes this leg's --entg-connect routes to it, if any.
+        self.routes = tuple(routes)
+        self.gate = None
+        self.holds = set()
+        self.owned = set()
+        self.prefixes = ()
+        self.identities = ()
+        self.routeCache = (None, None, None, None, None)
+        self.since = None
+        self.packetsReceived = self.bytesReceived = 0
+        self.packetsSent = self.bytesSent = 0
+
+    def identityText(self):
+        return ", ".join(self.identities) if self.identities else "-"
+
+    def identityShort(self):
+        """
+        The first name, and how many more: a certificate may carry several.
+        """
+        if len(self.identities) > 1:
+            return f"{self.identities[0]} (+{len(self.identities) - 1})"
+        return self.identityText()
+
+    def identitySuffix(self):
+        return f" ({self.identityText()})" if self.identities else ""
 
     def legUp(self):
+        keepAlive(self.transport)
+        self.since = self.clock.seconds()
+        self.identities = peerIdentities(self.transport)
         self.hub.attach(self)
 
     def framedDataReceived(self, frames, count):
+        self.packetsReceived += count
+        self.bytesReceived += len(frames)
         self.hub.forward(self, frames, count)
 
     def legDown(self, reason):
@@ -37,9 +95,10 @@ class RelayLeg(FramedLeg):
 class RelayLegFactory(Factory):
     noisy = False
 
-    def __init__(self, hub, side):
+    def __init__(self, hub, side, routes=()):
         self.hub = hub
         self.side = side
+        self.routes = tuple(routes)
 
     def buildProtocol(self, addr):
-        return RelayLeg(self.hub, self.side)
+        return RelayLeg(self.hub, self.side, self.routes)
