@@ -29,6 +29,27 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         usageExit(self.prog, f"error: {message}")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """
+        Name an unknown option before a missing required one: with
+        C{--bogus} given, "--metrics is required" would send the user to
+        the wrong flag.
+        """
+        required = [a for a in self._actions if a.required and a.option_strings]
+        for action in required:
+            action.required = False
+        try:
+            namespace, extras = super().parse_known_args(args, namespace)
+        finally:
+            for action in required:
+                action.required = True
+        if not extras:
+            missing = [a for a in required if getattr(namespace, a.dest, None) is None]
+            if missing:
+                self.error("the following arguments are required: "
+                           + ", ".join("/".join(a.option_strings) for a in missing))
+        return namespace, extras
+
 
 def parseNumber(text, what):
     """

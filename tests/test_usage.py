@@ -111,6 +111,10 @@ class OneLineTests(unittest.TestCase):
         self.assertRefused([*PYTHON_M_ENT], "python -m ent", "no command")
         self.assertRefused([*PYTHON_M_ENT, "status", "--metrics", "127.0.0.1:1", "--bogus"],
                            "python -m ent status", "--bogus")
+        # The unknown flag is named, not the missing required one.
+        self.assertRefused([*PYTHON_M_ENT, "status", "--bogus"], "python -m ent status",
+                           "unrecognized arguments: --bogus")
+        self.assertRefused([*PYTHON_M_ENT, "status"], "python -m ent status", "required: --metrics")
         self.assertRefused([*PYTHON_M_ENT, "status", "--metrics", "127.0.0.1:1", "--timeout", "-1"],
                            "python -m ent status", "--timeout", "'-1'")
         self.assertRefused([*PYTHON_M_ENT, "certs"], "python -m ent certs", "directory")
