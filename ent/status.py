@@ -168,6 +168,12 @@ def summary(scrape, url, now=None, legs=None):
             lines.append(f"  {'':<18}{int(kernel):,} packets dropped by the kernel while the reader "
                          f"was paused (TUN queue full)")
 
+    contained = scrape.find("ent_tunnel_dropped_total")
+    if contained:
+        parts = ", ".join(f"{int(s.value):,} {s.labels.get('hook', '?')}" for s in contained)
+        lines.append(f"  {'containment':<18}{int(sum(s.value for s in contained)):,} packets from the "
+                     f"tunnel dropped ({parts}): not exposed, not a reply")
+
     if scrape.find("ent_relay_connections_open"):
         lines.append(
             f"  {'relay':<18}{int(scrape.value('ent_relay_connections_open')):,} open "

@@ -406,3 +406,14 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(self.assertRaises(SystemExit, main, ["nonsense"]).code, 2)
         self.assertEqual(main(["--help"]), 0)
         self.assertIn("status", sys.stdout.getvalue())
+
+
+class ContainmentStatusTests(unittest.TestCase):
+    def test_containmentDropsShown(self):
+        scrape = status.Scrape(EXAMPLE + (
+            "# TYPE ent_tunnel_dropped_total counter\n"
+            'ent_tunnel_dropped_total{hook="input"} 12.0\n'
+            'ent_tunnel_dropped_total{hook="forward"} 3.0\n'
+        ))
+        text = "\n".join(status.summary(scrape, "http://x/metrics", now=2000)[0])
+        self.assertIn("containment       15 packets from the tunnel dropped (12 input, 3 forward)", text)
