@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.run import (  # noqa: E402
-    ADDRESS, BY_KEY, LATENCY_PORT, PINGPONG, Namespaces, path, tunnelProcesses,
+    BY_KEY, CLK_TCK, LATENCY_PORT, PINGPONG, Namespaces, path, tunnelProcesses,
 )
 
 SYSCALLS = "read,write,recvfrom,sendto,sendmsg,recvmsg,writev,epoll_wait,epoll_pwait,epoll_ctl"
@@ -41,6 +41,15 @@ ACK_SIZES = {52, 56}
 # Path order of the crossings of one round trip.
 ORDER = [("client enta", "→"), ("gw1 entg", "→"), ("gw2 entg", "→"), ("server enta", "→"),
          ("server enta", "←"), ("gw2 entg", "←"), ("gw1 entg", "←"), ("client enta", "←")]
+
+
+def userSystem(pid):
+    """
+    (user, system) CPU seconds of C{pid}.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def parse(filename):
@@ -167,6 +176,15 @@ def main(argv=None):
     try:
         with path(BY_KEY["ent"], prefix, namespaces, logdir) as (t, target, _):
             processes = tunnelProcesses(t)
+            # Untraced first: CPU time of each process per round trip of a
+            # fast ping-pong (two crossings of each process).
+            before = {pid: userSystem(pid) for pid in processes}
+            fast = t.exec("client", sys.executable, PINGPONG, "client", target, str(LATENCY_PORT),
+                          "-n", "3000", "--warmup", "0", timeout=120)
+            cpu = {}
+            for pid, label in processes.items():
+                after = userSystem(pid)
+                cpu[label] = [(after[k] - before[pid][k]) / 3000 * 1e6 for k in (0, 1)]
             tracers = []
             for pid, label in processes.items():
                 out = os.path.join(workdir, label.replace(" ", "-") + ".strace")
@@ -182,6 +200,9 @@ def main(argv=None):
                 p.wait(timeout=10)
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
+    print("ping-pong untraced:", fast.stdout.strip())
+    print("CPU µs per round trip, user + system (untraced): "
+          + ", ".join(f"{label} {u:.0f} + {s:.0f}" for label, (u, s) in sorted(cpu.items())))
     print("ping-pong under strace:", result.stdout.strip())
     traces = {label: crossings(parse(out)) for label, out, _ in tracers}
     rows, trips, complete, span = analyse(traces)
