@@ -45,6 +45,8 @@ from ent.topology import ADDRESS, HOSTS, Topology, Tunnel  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PORT = 5201  # iperf3's port, the one ENT captures and replays
+PINGPONG = os.path.join(HERE, "pingpong.py")
+LATENCY_PORT = 5202  # the ping-pong server's (bench/pingpong.py), mapped and exposed by ENT too
 TUN_CLIENT, TUN_SERVER = "192.168.0.1", "192.168.0.254"
 RSS_LIMIT = 60_000_000  # bytes: the goal "under 60 MB" (MB = 10^6 bytes)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -150,6 +152,13 @@ def cleanupShielded():
             signal.signal(sig, handler)
 
 
+def startPingPong(t):
+    """
+    The ping-pong server on the server host, on LATENCY_PORT.
+    """
+    t.start("server", sys.executable, PINGPONG, "server", str(LATENCY_PORT), name="pingpong-server")
+
+
 def waitListening(t, host, port, timeout=15):
     t.waitFor(lambda: t.exec(host, "ss", "-Hltn", f"sport = :{port}").stdout.strip(), timeout=timeout)
 
@@ -169,6 +178,7 @@ class BenchTunnel(Tunnel):
         t = self.topology
         self.echo = None
         t.start("server", "iperf3", "-s", "-p", str(self.port), name="iperf3-server")
+        startPingPong(t)
         for host in ("gw2", "gw1", "server", "client"):
             self.startService(host)
         try:
@@ -181,9 +191,12 @@ class BenchTunnel(Tunnel):
         if host in ("gw1", "gw2"):
             return super().startService(host)
         if host == "server":
-            args = ["enta", "--replay", str(self.port), "--entg-connect", f"{ADDRESS['gw2.agent']}:6980"]
+            args = ["enta", "--replay", str(self.port), "--expose", str(LATENCY_PORT),
+                    "--entg-connect", f"{ADDRESS['gw2.agent']}:6980"]
         else:
-            args = ["enta", "--dport", str(self.port), "--entg-connect", f"{ADDRESS['gw1.agent']}:6980"]
+            args = ["enta", "--dport", str(self.port),
+                    "--map", f"{ADDRESS['server']}:{LATENCY_PORT}={TUN_SERVER}:{LATENCY_PORT}",
+                    "--entg-connect", f"{ADDRESS['gw1.agent']}:6980"]
         process = self.topology.twistd(host, *args, *self.agentArgs)
         self.services[host] = process
         return process
@@ -229,6 +242,7 @@ def path(config, prefix, namespaces, logdir):
                 for net, via in entries:
                     check(t, host, "ip", "route", "add", net, "via", via)
             t.start("server", "iperf3", "-s", "-p", str(PORT), name="iperf3-server")
+            startPingPong(t)
             waitListening(t, "server", PORT)
             target = ping = ADDRESS["server"]
         else:
@@ -246,6 +260,7 @@ def path(config, prefix, namespaces, logdir):
             t.start("client", *common, "--proto", "tcp-client", "--remote", ADDRESS["gw1.agent"], "1194",
                     "--ifconfig", TUN_CLIENT, TUN_SERVER, name="client-openvpn")
             t.start("server", "iperf3", "-s", "-p", str(PORT), name="iperf3-server")
+            startPingPong(t)
             try:
                 t.waitFor(lambda: t.exec("client", "ping", "-c", "1", "-W", "1", TUN_SERVER).returncode == 0,
                           timeout=30)
@@ -312,6 +327,20 @@ def ping(t, target):
             "median": statistics.median(times), "received": len(times)}
 
 
+def pingpong(t, target, count=2000, warmup=200):
+    """
+    The 1-byte TCP ping-pong (bench/pingpong.py) from the client host to
+    the server host's LATENCY_PORT: round trips/s, p50 and p99 in µs.
+    """
+    waitListening(t, "server", LATENCY_PORT)
+    result = t.exec("client", sys.executable, PINGPONG, "client", target, str(LATENCY_PORT),
+                    "-n", str(count), "--warmup", str(warmup), timeout=120)
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise MeasureError(f"ping-pong {target}: {(result.stdout + result.stderr).strip()[-300:]}")
+
+
 def readComm(pid):
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -364,7 +393,7 @@ def peakRss(pid):
     return None
 
 
-def measure(config, t, target, pingTarget, seconds):
+def measure(config, t, target, pingTarget, seconds, latencyOnly=False):
     result = {"errors": [], "load": os.getloadavg()[0]}
 
     def attempt(key, function, *args, **kwargs):
@@ -377,6 +406,14 @@ def measure(config, t, target, pingTarget, seconds):
         return result[key]
 
     attempt("ping", ping, t, pingTarget)
+    attempt("pingpong", pingpong, t, target)
+    if result.get("pingpong"):
+        pp = result["pingpong"]
+        say(f"    ping-pong {pp['rate']:.0f} round trips/s, p50 {pp['p50']:.0f} µs, p99 {pp['p99']:.0f} µs")
+    if result.get("ping"):
+        say(f"    ping      avg {result['ping']['avg']:.3f} ms, median {result['ping']['median']:.3f} ms")
+    if latencyOnly:
+        return result
     processes = tunnelProcesses(t)
     before = {pid: cpuSeconds(pid) for pid in processes}
     forward = attempt("forward", iperf, t, target, seconds)
@@ -400,8 +437,6 @@ def measure(config, t, target, pingTarget, seconds):
     for key in ("forward", "reverse", "streams4"):
         if result.get(key):
             say(f"    {key:9} {rate(result[key]['bps'])}  (retransmits {result[key]['retransmits']})")
-    if result.get("ping"):
-        say(f"    ping      avg {result['ping']['avg']:.3f} ms, median {result['ping']['median']:.3f} ms")
     for label, entry in sorted(procs.items()):
         cpu = f"{entry['cpu_per_gb']:.2f} CPU s/GB" if entry.get("cpu_per_gb") is not None else "-"
         say(f"    {label:14} {cpu}, peak RSS {entry['hwm'] / 1e6:.1f} MB")
@@ -440,6 +475,58 @@ def addedPing(results, key):
     return None if mine is None or kernel is None else mine - kernel
 
 
+def pp50(results, key):
+    entry = (results.get(key) or {}).get("pingpong")
+    return entry["p50"] if entry else None
+
+
+def addedP50(results, key):
+    mine, kernel = pp50(results, key), pp50(results, "kernel")
+    return None if mine is None or kernel is None else mine - kernel
+
+
+def latencyTable(results):
+    """
+    The latency rows: the 1-byte TCP ping-pong and the idle ping, with what
+    each path adds over the kernel path and how that compares to OpenVPN.
+    """
+    lines = [
+        "| configuration | round trips/s | p50 µs | p99 µs | added p50 µs | added ÷ OpenVPN's "
+        "| ping median µs | added ping µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    kernelPing = (results.get("kernel") or {}).get("ping")
+    for config in CONFIGS:
+        if config.key not in results:
+            continue
+        entry = results[config.key] or {}
+        pp, pi = entry.get("pingpong"), entry.get("ping")
+        added = addedP50(results, config.key)
+        base = addedP50(results, OPENVPN_BASELINE.get(config.key))
+        cells = [
+            config.label,
+            f"{pp['rate']:.0f}" if pp else "—",
+            f"{pp['p50']:.0f}" if pp else "—",
+            f"{pp['p99']:.0f}" if pp else "—",
+            "—" if config.key == "kernel" or added is None else f"{added:+.0f}",
+            "—" if config.key == "kernel" or added is None or not base else f"{added / base:.2f}×",
+            f"{pi['median'] * 1000:.0f}" if pi else "—",
+            "—" if config.key == "kernel" or not pi or not kernelPing
+            else f"{(pi['median'] - kernelPing['median']) * 1000:+.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+LATENCY_TEXT = (
+    "Latency: `bench/pingpong.py`, a 1-byte TCP request/response with TCP_NODELAY at both ends, from the "
+    "client host to the server host's port 5202 (ENT maps and exposes it), 2000 round trips after 200 "
+    "warm-up, one at a time; p50/p99 of the round trips, added p50 = p50 − kernel path's p50, "
+    "\"added ÷ OpenVPN's\" divides that by OpenVPN default's added p50. Ping: the median of the "
+    "20 pings above (idle path, one every 50 ms)."
+)
+
+
 def fmtMs(value, signed=False):
     if value is None:
         return "—"
@@ -464,6 +551,11 @@ def goals(results):
     ratios, met = both("ent1500", "openvpn", 1)
     out.append(("ENT at MTU 1500 ≥ 1 × OpenVPN at MTU 1500, single stream, both directions",
                 f"forward {fmtRatio(ratios[0])}, reverse {fmtRatio(ratios[1])}", met))
+    mine, theirs = addedP50(results, "ent"), addedP50(results, "openvpn")
+    met = None if mine is None or not theirs else mine <= 2 * theirs
+    out.append(("ENT default's added round trip (1-byte ping-pong p50 over the kernel path) ≤ 2 × OpenVPN "
+                "default's (issue 15)",
+                "—" if met is None else f"{mine:+.0f} µs vs {theirs:+.0f} µs ({mine / theirs:.2f}×)", met))
     for ent in ("ent", "ent1500"):
         mine, theirs = addedPing(results, ent), addedPing(results, OPENVPN_BASELINE[ent])
         met = None if mine is None or theirs is None else mine <= theirs
@@ -566,6 +658,7 @@ def render(results, info, seconds, pngName):
     lines[-1] += (f"Large MTU against large MTU, ENT default (65535) vs OpenVPN --tun-mtu 60000: "
                   f"forward {fmtRatio(large[0])}, reverse {fmtRatio(large[1])}.")
 
+    lines += ["", "## Latency", "", LATENCY_TEXT, ""] + latencyTable(results)
     lines += [
         "",
         "## The tunnels' processes",
@@ -660,6 +753,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="ENT benchmark against OpenVPN and kernel routing")
     parser.add_argument("--time", type=int, default=5, help="seconds of each iperf3 run (default 5)")
     parser.add_argument("--only", help="comma-separated configurations: " + ",".join(BY_KEY))
+    parser.add_argument("--latency", action="store_true",
+                        help="only the latency part (ping-pong and ping), by default for kernel, ent and openvpn; "
+                             "quick, for development; writes nothing unless --out")
     parser.add_argument("--out", help="where to write results.md and results.png "
                         "(default: bench/, and only when every configuration ran)")
     args = parser.parse_args(argv)
@@ -671,10 +767,12 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown configuration {', '.join(sorted(unknown))}")
         selected = [c for c in CONFIGS if c.key in args.only.split(",")]
+    elif args.latency:
+        selected = [BY_KEY[k] for k in ("kernel", "ent", "openvpn")]
     missing = [tool for tool in ("iperf3", "openvpn", "socat", "ping") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: run scripts/bench.sh (or make bench), which installs them")
-    out = args.out or (None if args.only else HERE)
+    out = args.out or (None if args.only or args.latency else HERE)
 
     # SIGTERM and SIGHUP clean up like Ctrl-C does; SIGINT too when this was
     # started with SIGINT ignored (a background job of a script).
@@ -695,7 +793,7 @@ def main(argv=None):
             os.makedirs(logdir)
             try:
                 with path(config, prefix, namespaces, logdir) as (t, target, pingTarget):
-                    results[config.key] = measure(config, t, target, pingTarget, args.time)
+                    results[config.key] = measure(config, t, target, pingTarget, args.time, args.latency)
             except (MeasureError, TimeoutError, subprocess.CalledProcessError) as e:
                 say(f"    FAILED: {e}")
                 results[config.key] = {"errors": [str(e)], "load": os.getloadavg()[0]}
@@ -709,6 +807,16 @@ def main(argv=None):
         shutil.rmtree(logroot, ignore_errors=True)
         return 130
 
+    if args.latency:
+        say("\n" + "\n".join(latencyTable(results)))
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "latency.md"), "w") as f:
+                f.write(f"Run {info['date']}\n\n" + "\n".join(latencyTable(results)) + "\n")
+        failed = any(v.get("errors") for v in results.values())
+        if not failed:
+            shutil.rmtree(logroot, ignore_errors=True)
+        return 1 if failed or left else 0
     report = render(results, info, args.time, "results.png")
     say("\n" + report)
     if out:

@@ -18,6 +18,7 @@ from ent.flow import Valve
 from ent.framing import HEADER_SIZE, frame, frameSequence
 from ent.packets import announcement, wellFormed
 from ent.protocols.framed import FramedLeg
+from ent.protocols.writethrough import writeThrough
 from ent.stats import ServiceStats
 
 
@@ -240,7 +241,7 @@ class AgentService(MultiService):
         stats = self.linkStats
         stats.packetsSent += len(packets)
         stats.bytesSent += size + HEADER_SIZE * len(packets)
-        link.transport.writeSequence(frameSequence(packets))
+        writeThrough(link.transport, frameSequence(packets))
 
     def packetsFromLink(self, packets):
         if self.tun is None:

@@ -39,8 +39,8 @@ a full peer stops being read, also for frames to other peers.
 
 Per frame the router reads the length, the version and the two addresses
 and does one or two dict look-ups (a repeated source/destination pair is a
-cache hit); frames to the same target are written with one C{write} or
-C{writeSequence} per read. Nothing is logged per frame: drops are counted
+cache hit); frames to the same target are written with one write-through
+(L{ent.protocols.writethrough}) per read. Nothing is logged per frame: drops are counted
 by reason and logged in aggregate by L{ent.stats.DropReporter}, and a drop
 for lack of a route is logged at most once a minute per destination.
 """
@@ -54,6 +54,7 @@ from twisted.logger import Logger
 
 from ent.framing import HEADER, HEADER_SIZE
 from ent.packets import ANNOUNCE_SIZE, isAnnouncement
+from ent.protocols.writethrough import writeThrough
 from ent.stats import DROP_REASONS
 
 OTHER = {"agent": "peer", "peer": "agent"}
@@ -501,10 +502,7 @@ class Router:
         stats.bytesSent += size
         target.packetsSent += count
         target.bytesSent += size
-        if len(buffers) == 1:
-            target.transport.write(buffers[0])
-        else:
-            target.transport.writeSequence(buffers)
+        writeThrough(target.transport, buffers)
 
     def _dropped(self, source, reason, dst):
         """
