@@ -15,9 +15,6 @@ from ent.protocols.relay import RelayLegFactory
 from ent.router import Router
 from ent.stats import ServiceStats
 
-# The name the gateway's hub had when it joined exactly two legs.
-RelayHub = Router
-
 
 class GatewayService(MultiService):
     """

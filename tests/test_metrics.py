@@ -24,7 +24,7 @@ from twisted.trial import unittest
 from ent import status
 from ent.agent import AgentService, GatewayLink
 from ent.framing import HEADER, frame
-from ent.gateway import RelayHub
+from ent.router import Router
 from ent.logs import JsonLinesObserver, eventAsRecord, observerFor
 from ent.metrics import histogramOf, metricsSite, registryFor
 from ent.protocols.relay import RelayLeg
@@ -71,7 +71,7 @@ class DropReasonTests(unittest.TestCase):
     def gateway(self):
         clock = Clock()
         stats = ServiceStats("entg", clock)
-        hub = RelayHub(stats, clock)
+        hub = Router(stats, clock)
 
         def connect(side):
             leg = RelayLeg(hub, side)
@@ -154,7 +154,7 @@ class DropReasonTests(unittest.TestCase):
 
         clock = Clock()
         stats = ServiceStats("entg", clock)
-        hub = RelayHub(stats, clock, allowedIps={"client": [ipaddress.ip_network("192.168.0.0/24")]})
+        hub = Router(stats, clock, allowedIps={"client": [ipaddress.ip_network("192.168.0.0/24")]})
         RelayLeg(hub, "agent").makeConnection(FakeIdentityTransport(["stranger"]))
         return stats, {("agent", "identity_not_allowed"): 1}
 
@@ -206,7 +206,7 @@ class CollectorTests(unittest.TestCase):
         stats = ServiceStats("entg", clock)
         stats.start()
         self.addCleanup(stats.stop)
-        hub = RelayHub(stats, clock)
+        hub = Router(stats, clock)
         agent, peer = RelayLeg(hub, "agent"), RelayLeg(hub, "peer")
         agent.makeConnection(StringTransport())
         peer.makeConnection(StringTransport())
@@ -281,7 +281,7 @@ class MetricsHttpTests(unittest.TestCase):
         from tests.test_router import FakeIdentityTransport, packet
 
         stats = ServiceStats("entg", reactor)
-        hub = RelayHub(stats, reactor)
+        hub = Router(stats, reactor)
         legs = []
         for side, names in (("agent", ["client"]), ("agent", None), ("peer", None)):
             leg = RelayLeg(hub, side)

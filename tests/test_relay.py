@@ -10,7 +10,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.trial import unittest
 
 from ent.framing import frame, frameSequence
-from ent.gateway import RelayHub
+from ent.router import Router
 from ent.protocols.relay import RelayLeg
 from ent.router import ALONE
 from ent.stats import ServiceStats
@@ -31,7 +31,7 @@ class RelayHubTests(unittest.TestCase):
         self.clock = Clock()
         self.stats = ServiceStats("test", self.clock)
         self.drops = self.stats.drops
-        self.hub = RelayHub(self.stats, self.clock)
+        self.hub = Router(self.stats, self.clock)
 
     def test_aloneSideIsPaused(self):
         agent = connect(self.hub, "agent")
