@@ -7,11 +7,12 @@ every step already done if a later one fails; stop undoes them all.
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import succeed
+from twisted.internet.defer import gatherResults, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from ent import hostconfig, netfilter, tun
+from ent import hostconfig, netfilter, tun, userstack
 from ent.guard import TableGuard
 from ent.errors import EntError
 from ent.flow import Valve
@@ -78,6 +79,9 @@ class AgentService(MultiService):
         self._undo = []
         # The running side of the nftables table, once installed.
         self.guard = None
+        # The user-space stack's exposures: Unix listeners and their relays.
+        self._exposurePorts = []
+        self._exposureRelays = []
         self.client = ClientService(
             endpoint,
             GatewayLinkFactory(self),
@@ -97,6 +101,9 @@ class AgentService(MultiService):
         agent.
         """
         o = self.options
+        if o.get("stack") == "user":
+            self._startUserStack()
+            return
         name = o["tun-name"]
         interface = o["tun-interface"]
         mappings = o.get("mappings", ())
@@ -142,6 +149,65 @@ class AgentService(MultiService):
             route=" (route table {table}, rule priority {priority})".format(**policy) if policy else "",
         )
 
+    def _startUserStack(self):
+        """
+        Capture with libslirp in this process: nothing on the host changes
+        but the local listeners (C{--listen}) and the Unix sockets slirp
+        hands the exposed flows to, in a private directory.
+        """
+        o = self.options
+        stack = userstack.UserStack(
+            o["tun-interface"], o["mtu"], self.packetsFromTun, self.drops, self.reactor,
+            listens=o["listens"], exposures=o["exposures"],
+        )
+        stack.start()
+        self.tun = stack
+        self._undo.append(self._closeTun)
+        self.stats.tun = stack.stats
+        self._undo.append(self._stopExposures)
+        for exposure in o["exposures"]:
+            self._exposeToStack(stack, exposure)
+        services = [_describe(item) for item in (*o["listens"], *o["exposures"])]
+        self.log.info(
+            "user-space stack (libslirp {version}) up as {address}, mtu {mtu}; {carries} {services}; "
+            "from the tunnel only {accepted}",
+            version=stack.version, address=str(o["tun-interface"]), mtu=stack.mtu,
+            carries="listens" if o["listens"] else "exposes", services=", ".join(services),
+            accepted="exposed services" if o["exposures"] else "replies",
+        )
+
+    def _exposeToStack(self, stack, exposure):
+        """
+        Relay the flows slirp accepts for C{exposure} to the local service.
+        """
+        from ent.socketrelay import DEFAULT_MAX_CONNECTIONS, SocketRelayFactory
+
+        host = exposure.host or "127.0.0.1"
+        relay = SocketRelayFactory(
+            TCP4ClientEndpoint(self.reactor, host, exposure.port, timeout=10),
+            f"{host}:{exposure.port}", DEFAULT_MAX_CONNECTIONS, self.drops,
+        )
+        listening = UNIXServerEndpoint(
+            self.reactor, stack.socketPath(exposure), backlog=userstack.LISTEN_BACKLOG, mode=0o600,
+        ).listen(relay)
+        failures = []
+        listening.addCallbacks(self._exposurePorts.append, failures.append)
+        if failures:
+            failures[0].raiseException()
+        self._exposureRelays.append(relay)
+        if self.stats.relay is None:
+            self.stats.relay = relay
+
+    def _stopExposures(self):
+        """
+        Close the exposures' listeners and relayed connections; fires when
+        they are closed, so that their socket directory can go.
+        """
+        ports, self._exposurePorts = self._exposurePorts, []
+        relays, self._exposureRelays = self._exposureRelays, []
+        stopping = [port.stopListening() for port in ports] + [relay.closeAll() for relay in relays]
+        return gatherResults([d for d in stopping if d is not None], consumeErrors=True)
+
     def unconfigureHost(self):
         """
         Undo every configuration step done, last first; go on past failures.
@@ -181,6 +247,7 @@ class AgentService(MultiService):
             self.link.transport.unregisterProducer()
             self.link.close()
         d = MultiService.stopService(self)
+        d.addBoth(lambda result: self._stopExposures().addBoth(lambda _: result))
 
         def cleanUp(result):
             self.stats.stop()

@@ -50,6 +50,12 @@ class RoutingError(StartupError):
     """
 
 
+class UserStackError(StartupError):
+    """
+    The user-space TCP/IP stack (libslirp) is missing or refused a setting.
+    """
+
+
 class FramingError(EntError):
     """
     A peer sent a byte stream that is not a valid sequence of frames.

@@ -23,7 +23,7 @@ from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
 from ent.legs import LegSecurity, RatsTlsChoice
 from ent.netfilter import tableName
-from ent.services import Exposure, Mapping, checkUnique, parseExposure, parseMapping
+from ent.services import Exposure, Mapping, checkUnique, parseExposure, parseListen, parseMapping
 from ent.tls import TlsFiles
 
 CLIENT_TUN_ADDRESS = "192.168.0.1"
@@ -36,6 +36,8 @@ TUNNEL_PORT = 6978
 # costs nothing and lets TCP inside the tunnel send 64 KB segments.
 DEFAULT_MTU = 65535
 MIN_MTU = 576
+# The largest MTU libslirp takes (ent.slirp.MAX_MTU).
+MAX_USER_MTU = 65521
 
 
 def _usage(function):
@@ -263,13 +265,19 @@ class EntaOptions(SecurityOptions):
         "tunnel's connections to local services (server host), and accepts "
         "nothing else from the tunnel. With none of these it is a bare TUN "
         "endpoint, as ENG's plain agent: it installs no rules and carries "
-        "whatever the host routes into the TUN."
+        "whatever the host routes into the TUN. With --stack user it needs "
+        "no TUN, no netfilter and no root: a user-space TCP/IP stack "
+        "(libslirp) carries local ports given with --listen (client) or the "
+        "--expose services (server)."
     )
 
     optParameters = [
         ["replay", None, None, "Replay tunnel connections to this local TCP port (server host)."],
         ["entg-connect", None, f"127.0.0.1:{AGENT_PORT}",
          "Gateway to connect to: HOST:PORT or a Twisted client endpoint string."],
+        ["stack", None, "kernel",
+         "Capture with the kernel's stack (a TUN, netfilter rules, needs root) or a user-space "
+         "stack in the process (user: no TUN, no rules, no privileges; with --listen or --expose)."],
         ["tun-name", None, "tun0", "Name of the TUN device to create."],
         ["tun-addr", None, None,
          "TUN address ADDR[/PREFIX] (default 192.168.0.254/24 with --replay, "
@@ -300,6 +308,15 @@ class EntaOptions(SecurityOptions):
         self["maps"] = []
         self["exposes"] = []
         self["capture-from"] = []
+        self["listens"] = []
+
+    def opt_listen(self, value):
+        """
+        With --stack user: accept local connections on [ADDR:]PORT[/udp]
+        (ADDR 127.0.0.1 unless given) and carry each to TUNADDR:PORT inside
+        the tunnel (client side, as ssh -L); repeatable.
+        """
+        self["listens"].append(_usage(parseListen)(value))
 
     def opt_capture_from(self, value):
         """
@@ -340,12 +357,16 @@ class EntaOptions(SecurityOptions):
     @_usage
     def postOptions(self):
         self.checkObservability()
+        self._checkStack()
         replay = self["replay"]
-        client = "--dport" if self["dports"] else "--map" if self["maps"] else None
+        client = ("--dport" if self["dports"] else "--map" if self["maps"]
+                  else "--listen" if self["listens"] else None)
         server = "--replay" if replay is not None else "--expose" if self["exposes"] else None
         if client and server:
             raise ConfigurationError(f"{client} and {server} exclude each other")
         self["role"] = "replay" if server else "capture" if client else "bare"
+        if self["stack"] == "user" and self["role"] == "bare":
+            raise ConfigurationError("--stack user carries only what --listen or --expose (or --replay) name: give one")
         if self["capture-from"] and not client:
             raise ConfigurationError(
                 f"--capture-from {self['capture-from'][0]} captures for --map or --dport: give one"
@@ -365,11 +386,39 @@ class EntaOptions(SecurityOptions):
                 f"--tun-name {name!r} is not a valid interface name "
                 f"(1-15 bytes, not . or .., no space, '/', ':' or '%')"
             )
-        self._checkBesideOthers()
+        if self["stack"] == "kernel":
+            self._checkBesideOthers()
+        else:
+            self["route-table"] = None
+            self["gateway-port"] = None
+            if mtu > MAX_USER_MTU:
+                # libslirp's largest; a TUN far side at 65535 still works.
+                self["mtu"] = MAX_USER_MTU
         self._tunAddress()
         self._peerAddress()
         self._services()
         self["entg-security"] = self.legSecurity("entg", self["entg-connect"], "entg-tls-name")
+
+    def _checkStack(self):
+        """
+        The user-space stack installs nothing: the flags that configure the
+        host's capture are refused with it, and --listen needs it.
+        """
+        if self["stack"] not in ("kernel", "user"):
+            raise ConfigurationError(f"--stack {self['stack']!r} is neither kernel nor user")
+        if self["stack"] == "kernel":
+            if self["listens"]:
+                raise ConfigurationError(
+                    f"{self['listens'][0].flag} needs --stack user (with the kernel's stack, use --map)"
+                )
+            return
+        for given, flag, instead in ((self["maps"], "--map", "--listen"), (self["dports"], "--dport", "--listen"),
+                                     (self["capture-from"], "--capture-from", None)):
+            if given:
+                hint = f"; use {instead}" if instead else ""
+                raise ConfigurationError(f"{flag} captures with netfilter, which --stack user does not use{hint}")
+        if self["route-table"] != "auto":
+            raise ConfigurationError("--route-table is for the kernel's stack; --stack user installs no route")
 
     def _checkBesideOthers(self):
         """
@@ -463,7 +512,8 @@ class EntaOptions(SecurityOptions):
         replay = [Exposure("tcp", tunnelPort, None, o["replay"], f"--replay {o['replay']}")] if o["replay"] else []
         o["exposures"] = checkUnique(replay + o["exposes"])
         interface = o["tun-interface"]
-        for mapping in o["maps"]:
+        o["listens"] = checkUnique(o["listens"])
+        for mapping in (*o["maps"], *o["listens"]):
             target = ipaddress.IPv4Address(mapping.tunAddress)
             if target not in interface.network or target == interface.ip:
                 raise ConfigurationError(

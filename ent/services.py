@@ -76,20 +76,29 @@ def _address(text, given):
         raise ConfigurationError(f"{given}: {text!r} is not an IPv4 address")
 
 
-def parseMapping(text):
+def parseMapping(text, flag="--map", defaultAddress=None):
     """
-    C{[ADDR:]PORT[/udp]=TUNADDR:PORT}.
+    C{[ADDR:]PORT[/udp]=TUNADDR:PORT}, of C{--map} or (with
+    C{defaultAddress} 127.0.0.1) of the user-space stack's C{--listen}.
     """
-    given = f"--map {text!r}"
+    given = f"{flag} {text!r}"
     match = _MAP.fullmatch(text)
     if match is None:
         raise ConfigurationError(f"{given} is not [ADDR:]PORT[/udp]=TUNADDR:PORT")
     address = match["address"] and _address(match["address"], given)
     return Mapping(
-        _proto(match["proto"], given), address, parsePort(match["port"], f"{given}: port"),
+        _proto(match["proto"], given), address or defaultAddress, parsePort(match["port"], f"{given}: port"),
         _address(match["tunAddress"], given), parsePort(match["tunPort"], f"{given}: tunnel port"),
-        f"--map {text}",
+        f"{flag} {text}",
     )
+
+
+def parseListen(text):
+    """
+    C{--listen [ADDR:]PORT[/udp]=TUNADDR:PORT}: a local port (127.0.0.1
+    unless given) whose connections become flows inside the tunnel.
+    """
+    return parseMapping(text, "--listen", "127.0.0.1")
 
 
 def parseExposure(text):

@@ -27,6 +27,7 @@ DROP_REASONS = {
     "ipv6_length_mismatch": "IPv6 payload length disagrees with the frame",
     "no_gateway": "no gateway connected",
     "tun_closed": "TUN already closed",
+    "not_ipv4": "not IPv4 (the user-space stack carries IPv4 only)",
     "tun_write_failed": "the kernel refused the packet on the TUN",
     "other_side_not_connected": "the other side of the gateway is not connected",
     "connection_limit": "connection refused: the limit of open connections is reached",

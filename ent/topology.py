@@ -27,6 +27,8 @@ LINKS = (
     ("gw1", "10.2.0.1", "gw2", "10.2.0.2"),
     ("gw2", "10.3.0.1", "server", "10.3.0.2"),
 )
+# The local port a rootless client agent listens on in the tests and demo.
+USER_LISTEN_PORT = 7007
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 ECHOSVR = os.path.join(EXAMPLES, "echosvr.py")
 
@@ -38,6 +40,13 @@ ADDRESS = {
     "gw2.agent": "10.3.0.1",
     "server": "10.3.0.2",
 }
+
+
+# Run a command as nobody with every capability dropped, for good.
+UNPRIVILEGED = (
+    "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+    "--bounding-set=-all", "--no-new-privs",
+)
 
 
 def _run(*argv, check=True):
@@ -142,9 +151,15 @@ class Topology:
         self.processes.append(process)
         return process
 
-    def twistd(self, host, plugin, *args, name=None):
+    def twistd(self, host, plugin, *args, name=None, unprivileged=False):
+        """
+        Start C{twistd plugin args} in C{host}; C{unprivileged}: as nobody,
+        with no capabilities at all (not even inheritable or in the
+        bounding set), as a rootless agent runs.
+        """
+        prefix = UNPRIVILEGED if unprivileged else ()
         return self.start(
-            host, *twistdCommand(), "-n", "--pidfile=", plugin, *args,
+            host, *prefix, *twistdCommand(), "-n", "--pidfile=", plugin, *args,
             name=name or f"{host}-{plugin}",
         )
 
@@ -202,7 +217,8 @@ class Tunnel:
     Topology plus ENT's four services and an echo server on the server host.
     """
 
-    def __init__(self, agentArgs=(), gatewayArgs=(), logdir=None, hostArgs=None, waitUp=True, roleArgs=None):
+    def __init__(self, agentArgs=(), gatewayArgs=(), logdir=None, hostArgs=None, waitUp=True, roleArgs=None,
+                 unprivileged=()):
         self.ownLogdir = logdir is None
         self.logdir = logdir or tempfile.mkdtemp(prefix="ent-")
         self.topology = Topology(logdir=self.logdir)
@@ -213,6 +229,8 @@ class Tunnel:
         # What each agent carries, instead of ENG's --dport 7 / --replay 7.
         self.roleArgs = {"client": ["--dport", "7"], "server": ["--replay", "7"], **(roleArgs or {})}
         self.waitUp = waitUp
+        # Hosts whose agent runs as nobody with no capabilities (--stack user).
+        self.unprivileged = frozenset(unprivileged)
         self.services = {}
 
     def __enter__(self):
@@ -262,15 +280,28 @@ class Tunnel:
         else:
             args = ["enta", *self.roleArgs["client"], "--entg-connect", f"{ADDRESS['gw1.agent']}:6980",
                     *self.agentArgs]
-        process = t.twistd(host, *args, *self.hostArgs.get(host, ()))
+        process = t.twistd(host, *args, *self.hostArgs.get(host, ()), unprivileged=host in self.unprivileged)
         self.services[host] = process
         return process
 
     def tunnelUp(self):
+        if self.unprivileged:
+            # No TUN to ping through: a short echo through the local port.
+            return self.topology.exec("client", *self.echoCommand(64, timeout=2), timeout=10).returncode == 0
         return self.topology.exec("client", "ping", "-c", "1", "-W", "1", "192.168.0.254").returncode == 0
 
+    def echoTarget(self):
+        """
+        Where the client host's app connects: the server's address (the
+        TUN agent captures it), or a rootless agent's --listen port.
+        """
+        if "client" in self.unprivileged:
+            return "127.0.0.1", USER_LISTEN_PORT
+        return ADDRESS["server"], 7
+
     def echoCommand(self, size, timeout=60, connections=1):
-        return [sys.executable, ECHOSVR, "client", "--host", ADDRESS["server"], "--port", "7",
+        host, port = self.echoTarget()
+        return [sys.executable, ECHOSVR, "client", "--host", host, "--port", str(port),
                 "--bytes", str(size), "--timeout", str(timeout), "--connections", str(connections)]
 
     def echoClient(self, size, timeout=60, connections=1):
