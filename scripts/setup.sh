@@ -4,11 +4,12 @@
 # Arguments name further Debian packages to install (the benchmark's).
 # Also builds the real librats_tls the rats-tls tests run against
 # (scripts/ratstls-build.sh; cmake and the dev packages below are for it).
+# libslirp0 is the user-space TCP/IP stack of the rootless agent (--stack user).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(nftables iproute2 iputils-ping procps gcc libssl-dev python3 python3-venv python3-dev make iperf3 socat
-          cmake patch pkg-config libcbor-dev libcurl4-openssl-dev "$@")
+          cmake patch pkg-config libcbor-dev libcurl4-openssl-dev libslirp0 "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
