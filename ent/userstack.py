@@ -205,7 +205,8 @@ class UserStack(FileDescriptor):
             for fd in self._pollingFds() - before:
                 _widenBacklog(fd)
         if any(e.proto == "tcp" for e in self.exposures):
-            self.socketDir = tempfile.mkdtemp(prefix=f"ent-enta-{os.getpid()}-")
+            removeStaleSocketDirs()
+            self.socketDir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
         for exposure in self.exposures:
             if exposure.proto != "tcp":
                 continue
@@ -497,6 +498,35 @@ class UserStack(FileDescriptor):
             if happened & flag:
                 revents |= bit
         return revents & (events | POLL_ERR | POLL_HUP)
+
+
+SOCKET_DIR_PREFIX = "ent-enta-"
+
+
+def removeStaleSocketDirs(root=None):
+    """
+    Remove the socket directories of agents of this user that died without
+    their clean-up (kill -9, a crash); return their paths.
+    """
+    root = root or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(root):
+        name = entry.name
+        if not name.startswith(SOCKET_DIR_PREFIX):
+            continue
+        pid = name[len(SOCKET_DIR_PREFIX):].split("-", 1)[0]
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        except OSError:
+            continue
+    return removed
 
 
 def _widenBacklog(fd):

@@ -36,11 +36,14 @@ CLIENT_DEFAULTS = {"bytes": 64, "timeout": 30.0, "connections": 1}
 class Echo(protocol.Protocol):
     """
     Echo everything; close when the client half-closes, after the echo of
-    all it sent has been written.
+    all it sent has been written.  A client that does not read its echo
+    stops being read (the transport is its own producer), so that its data
+    waits in TCP's buffers, not in this server's memory.
     """
 
     def connectionMade(self):
         self.count = 0
+        self.transport.registerProducer(self.transport, True)
         self.peer = self.transport.getPeer()
         log.info("connection from {host}:{port}", host=self.peer.host, port=self.peer.port)
 
@@ -49,6 +52,7 @@ class Echo(protocol.Protocol):
         self.transport.write(data)
 
     def readConnectionLost(self):
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def writeConnectionLost(self):

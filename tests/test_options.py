@@ -112,6 +112,37 @@ class EntaOptionsTests(unittest.TestCase):
     def test_unknownFlag(self):
         self.assertRaises(usage.UsageError, enta, "--dport", "7", "--no-such-flag")
 
+    def test_userStackClient(self):
+        o = enta("--stack", "user", "--listen", "7007=192.168.0.254:6978", "--listen", "10.0.0.5:80=192.168.0.9:80")
+        self.assertEqual(o["role"], "capture")
+        self.assertEqual([(m.address, m.port, m.tunAddress, m.tunPort) for m in o["listens"]],
+                         [("127.0.0.1", 7007, "192.168.0.254", 6978), ("10.0.0.5", 80, "192.168.0.9", 80)])
+        self.assertEqual(o["mappings"], ())
+        self.assertEqual(o["mtu"], 65521)
+        self.assertIsNone(o["route-table"])
+
+    def test_userStackServer(self):
+        o = enta("--stack", "user", "--expose", "6978=7")
+        self.assertEqual(o["role"], "replay")
+        self.assertEqual(o["tun-interface"], ipaddress.IPv4Interface("192.168.0.254/24"))
+        self.assertEqual([(e.tunPort, e.port) for e in o["exposures"]], [(6978, 7)])
+        self.assertEqual(enta("--stack", "user", "--replay", "7")["exposures"][0].tunPort, 6978)
+        self.assertEqual(enta("--stack", "user", "--expose", "6978", "--mtu", "1500")["mtu"], 1500)
+
+    def test_userStackRefusals(self):
+        self.assertRefused(["--stack", "user"], "--stack user carries only what --listen or --expose")
+        self.assertRefused(["--stack", "usr", "--dport", "7"], "--stack 'usr' is neither kernel nor user")
+        self.assertRefused(["--listen", "7007=192.168.0.254:6978"], "needs --stack user")
+        self.assertRefused(["--stack", "user", "--dport", "7"], "--dport captures with netfilter")
+        self.assertRefused(["--stack", "user", "--map", "7=192.168.0.254:7"], "use --listen")
+        self.assertRefused(["--stack", "user", "--listen", "7=192.168.0.254:7", "--route-table", "100"],
+                           "--route-table is for the kernel's stack")
+        self.assertRefused(["--stack", "user", "--listen", "7=192.168.0.254:7", "--expose", "7"], "exclude")
+        self.assertRefused(["--stack", "user", "--listen", "7=10.0.0.1:7"], "not a far agent's address")
+        self.assertRefused(["--stack", "user", "--listen", "7=192.168.0.254:7", "--listen", "7=192.168.0.9:7"],
+                           "same tcp port")
+        self.assertRefused(["--stack", "user", "--listen", "seven"], "--listen 'seven' is not")
+
 
 class EntgOptionsTests(unittest.TestCase):
     def test_defaultsListenForBoth(self):
