@@ -117,6 +117,7 @@ class UserStack(FileDescriptor):
         self._timer = None
         self._busy = False
         self._guestErrors = 0
+        self._epollFailed = False
         self.socketDir = None
         self.connected = 0
 
@@ -301,15 +302,23 @@ class UserStack(FileDescriptor):
             _quietly(epoll.unregister, fd)
         for fd, mask in wanted.items():
             old = registered.get(fd)
-            if old is None:
-                try:
-                    epoll.register(fd, mask)
-                except FileExistsError:
+            if old == mask:
+                continue
+            try:
+                if old is None:
+                    try:
+                        epoll.register(fd, mask)
+                    except FileExistsError:
+                        epoll.modify(fd, mask)
+                else:
                     epoll.modify(fd, mask)
-                registered[fd] = mask
-            elif old != mask:
-                epoll.modify(fd, mask)
-                registered[fd] = mask
+            except OSError as e:
+                # slirp polls only its open sockets: say it once, go on.
+                if not self._epollFailed:
+                    self._epollFailed = True
+                    self.log.error("cannot poll a libslirp socket (fd {fd}): {error}", fd=fd, error=e)
+                continue
+            registered[fd] = mask
         delay = timeout[0] / 1000.0
         if self._timer is not None and self._timer.active():
             self._timer.reset(delay)
