@@ -166,7 +166,8 @@ class AgentService(MultiService):
         self.stats.tun = stack.stats
         self._undo.append(self._stopExposures)
         for exposure in o["exposures"]:
-            self._exposeToStack(stack, exposure)
+            if exposure.proto == "tcp":
+                self._exposeToStack(stack, exposure)
         services = [_describe(item) for item in (*o["listens"], *o["exposures"])]
         self.log.info(
             "user-space stack (libslirp {version}) up as {address}, mtu {mtu}; {carries} {services}; "

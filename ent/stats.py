@@ -37,6 +37,12 @@ DROP_REASONS = {
     "peer_to_peer": "from one peer gateway to another",
     "address_in_use": "connection refused: its address or prefix belongs to a live leg",
     "identity_not_allowed": "connection refused: its certificate names no --allowed-ips entry",
+    "udp_fragment": "fragmented UDP datagram (the user-space stack does not reassemble)",
+    "udp_malformed": "UDP datagram with a bad length, port 0 or a bad checksum",
+    "udp_unreachable": "UDP datagram for no exposed port or open flow of the user-space stack",
+    "udp_flow_limit": "UDP datagram refused: the user-space stack's flow limit is reached",
+    "udp_oversize": "UDP datagram larger than one packet of the tunnel's MTU",
+    "udp_send_failed": "a local UDP socket refused the datagram (service down, or no socket)",
 }
 
 

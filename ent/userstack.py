@@ -15,7 +15,8 @@ a flow from the tunnel address to the far service.  Server role
 (C{--expose}): slirp's own address is another one (it cannot forward its
 own), the tunnel address is a guest forward to a Unix socket of ours, and
 a socket relay connects each flow to the local service.  Restricted mode:
-nothing else is reachable from the tunnel in either role.
+nothing else is reachable from the tunnel in either role.  UDP never
+reaches slirp: L{ent.userudp.UdpFlows} carries it.
 """
 
 import errno
@@ -32,6 +33,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 
 from ent import slirp
+from ent.userudp import UdpFlows
 from ent.errors import UserStackError
 from ent.packets import checksum
 from ent.stats import TunStats
@@ -118,6 +120,7 @@ class UserStack(FileDescriptor):
         self._busy = False
         self._guestErrors = 0
         self._epollFailed = False
+        self.udp = None
         self.socketDir = None
         self.connected = 0
 
@@ -132,6 +135,12 @@ class UserStack(FileDescriptor):
             self._epoll = select.epoll()
             self._create()
             self._forward()
+            self.udp = UdpFlows(
+                self.interface, self.mtu, self._emit, self.drops, self.reactor,
+                listens=[item for item in self.listens if item.proto == "udp"],
+                exposures=[item for item in self.exposures if item.proto == "udp"],
+            )
+            self.udp.start()
         except BaseException:
             self.close()
             raise
@@ -235,6 +244,8 @@ class UserStack(FileDescriptor):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.udp is not None:
+            self.udp.stop()
         if self.connected:
             self.reactor.removeReader(self)
             self.connected = 0
@@ -356,6 +367,10 @@ class UserStack(FileDescriptor):
                 if packet[0] >> 4 != 4:
                     refused += 1
                     continue
+                if packet[9] == 17:
+                    self.udp.packetFromTunnel(packet)
+                    written += len(packet)
+                    continue
                 if packet[9] == 1 and packet[16:20] == own and self._echoReply(packet):
                     continue
                 source = packet[12:16]
@@ -374,6 +389,16 @@ class UserStack(FileDescriptor):
         self._fill()
         self._flush()
         return refused
+
+    def _emit(self, packet):
+        """
+        Send one packet made outside slirp (UDP) into the tunnel: now, or
+        with the batch being built.
+        """
+        self._out.append(packet)
+        self._outSize += len(packet)
+        if not self._busy:
+            self._flush()
 
     def _echoReply(self, packet):
         """
@@ -433,12 +458,16 @@ class UserStack(FileDescriptor):
         if not self.stats.paused:
             self.stats.paused = True
             self.stats.pauses += 1
+            if self.udp is not None:
+                self.udp.pauseProducing()
             if self._slirp is not None and not self._busy:
                 self._fill()
 
     def resumeProducing(self):
         if self.stats.paused:
             self.stats.paused = False
+            if self.udp is not None:
+                self.udp.resumeProducing()
             if self._slirp is not None and not self._busy:
                 self._fill()
 

@@ -66,7 +66,7 @@ class DropReasonTests(unittest.TestCase):
 
     scenarios = ("framingErrorsOnTheGateway", "otherSideNotConnected", "routingOnTheGateway",
                  "unlistedIdentityOnTheGateway", "badPacketsOnTheAgent",
-                 "tunSideDropsOnTheAgent", "connectionLimitOnTheRelay")
+                 "tunSideDropsOnTheAgent", "connectionLimitOnTheRelay", "udpOnTheUserStack")
 
     def gateway(self):
         clock = Clock()
@@ -194,6 +194,27 @@ class DropReasonTests(unittest.TestCase):
         self.assertEqual(found.value("ent_relay_connections_open"), 1)
         self.assertEqual(found.value("ent_relay_connection_limit"), 1)
         return stats, {("incoming", "connection_limit"): 2}
+
+    def udpOnTheUserStack(self):
+        from ent.services import parseExposure
+        from ent.userudp import UdpFlows
+        from tests.test_userudp import CLIENT, FAR, SERVER_OWN, FakeReactor, fromFar
+
+        reactor = FakeReactor()
+        stats = ServiceStats("enta", reactor)
+        udp = UdpFlows(SERVER_OWN, 1500, lambda packet: None, stats.drops, reactor,
+                       exposures=[parseExposure("53/udp")], maxFlows=1)
+        udp.packetFromTunnel(fromFar(b"x", 1000, 53, CLIENT, FAR, flags=0x2000))
+        udp.packetFromTunnel(fromFar(b"x", 1000, 53, CLIENT, FAR)[:24])
+        udp.packetFromTunnel(fromFar(b"x", 1000, 54, CLIENT, FAR))
+        udp.packetFromTunnel(fromFar(b"x", 1000, 53, CLIENT, FAR))
+        udp.packetFromTunnel(fromFar(b"x", 1001, 53, CLIENT, FAR))
+        reactor.udpPorts[0].protocol.datagramReceived(b"x" * 1500, ("127.0.0.1", 53))
+        reactor.udpPorts[0].protocol.connectionRefused()
+        return stats, {
+            ("gateway", "udp_fragment"): 1, ("gateway", "udp_malformed"): 1, ("gateway", "udp_unreachable"): 1,
+            ("gateway", "udp_flow_limit"): 1, ("tun", "udp_oversize"): 1, ("tun", "udp_send_failed"): 1,
+        }
 
     def test_unknownReasonRefused(self):
         stats = ServiceStats("enta", Clock())
