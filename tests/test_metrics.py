@@ -66,7 +66,8 @@ class DropReasonTests(unittest.TestCase):
 
     scenarios = ("framingErrorsOnTheGateway", "otherSideNotConnected", "routingOnTheGateway",
                  "unlistedIdentityOnTheGateway", "badPacketsOnTheAgent",
-                 "tunSideDropsOnTheAgent", "connectionLimitOnTheRelay", "udpOnTheUserStack")
+                 "tunSideDropsOnTheAgent", "connectionLimitOnTheRelay", "udpOnTheUserStack",
+                 "notIpv4OnTheUserStack")
 
     def gateway(self):
         clock = Clock()
@@ -215,6 +216,22 @@ class DropReasonTests(unittest.TestCase):
             ("gateway", "udp_fragment"): 1, ("gateway", "udp_malformed"): 1, ("gateway", "udp_unreachable"): 1,
             ("gateway", "udp_flow_limit"): 1, ("tun", "udp_oversize"): 1, ("tun", "udp_send_failed"): 1,
         }
+
+    def notIpv4OnTheUserStack(self):
+        import ipaddress
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from ent.userstack import UserStack
+
+        reactor = MemoryReactorClock()
+        stats = ServiceStats("enta", reactor)
+        stack = UserStack(ipaddress.IPv4Interface("192.168.0.1/24"), 1500, lambda packets, size: None,
+                          stats.drops, reactor)
+        stack.start()
+        self.addCleanup(stack.close)
+        stack.writePackets([bytes([0x60]) + bytes(39)])
+        return stats, {("gateway", "not_ipv4"): 1}
 
     def test_unknownReasonRefused(self):
         stats = ServiceStats("enta", Clock())
