@@ -10,9 +10,9 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from ent.cli import usageExit
-from ent.endpoints import clientEndpoint, serverEndpoint
+from ent.legs.endpoints import clientEndpoint, serverEndpoint
 from ent.errors import ConfigurationError, EntError
-from ent.legs import secureClient, secureServer
+from ent.legs.security import secureClient, secureServer
 
 
 class StartReport:

@@ -10,7 +10,7 @@ paused, so their frames wait in their sockets instead of being thrown away.
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 
-from ent.endpoints import listeningService
+from ent.legs.endpoints import listeningService
 from ent.protocols.relay import RelayLegFactory
 from ent.router import Router
 from ent.stats import ServiceStats

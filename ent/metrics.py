@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ent import __version__
-from ent.endpoints import listeningService
+from ent.legs.endpoints import listeningService
 from ent.tun import kernelDrops
 
 # Upper bounds of the TUN batch-size histogram; the reader takes at most

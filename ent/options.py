@@ -16,15 +16,15 @@ from twisted.python import usage
 
 from ent import versionLine
 from ent.cli import parseNumber, usageExit
-from ent.endpoints import (
+from ent.legs.endpoints import (
     checkClientDescription, checkServerDescription, hostOf, isPlainListen, parsePort, portIn, tcpPortOf,
 )
 from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
-from ent.legs import LegSecurity, RatsTlsChoice
+from ent.legs.security import LegSecurity, RatsTlsChoice
 from ent.netfilter import tableName
 from ent.services import Exposure, Mapping, checkUnique, parseExposure, parseMapping
-from ent.tls import TlsFiles
+from ent.legs.tls import TlsFiles
 
 CLIENT_TUN_ADDRESS = "192.168.0.1"
 SERVER_TUN_ADDRESS = "192.168.0.254"

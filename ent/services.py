@@ -11,7 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from ent.endpoints import parsePort
+from ent.legs.endpoints import parsePort
 from ent.errors import ConfigurationError
 
 PROTOCOLS = ("tcp", "udp")

@@ -17,9 +17,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
-from ent import vsock
+from ent.legs import vsock
 from ent.app import _built, guarded
-from ent.endpoints import (
+from ent.legs.endpoints import (
     addressText,
     checkClientDescription,
     checkPlainListen,

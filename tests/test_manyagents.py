@@ -11,7 +11,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from ent import certs
+from ent.legs import certs
 from ent.topology import ADDRESS
 from tests.checks import METRICS, METRICS_PORT, scrapeIn
 from tests.netns import requireRoot

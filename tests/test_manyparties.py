@@ -20,7 +20,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from ent import certs
+from ent.legs import certs
 from ent.topology import ECHOSVR, Topology
 from tests.checks import METRICS, scrapeIn, sha256s, statusIn
 from tests.netns import requireRoot

@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from ent import ratstls
 from ent.ratstls import RatsTlsSession
-from ent.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
+from ent.legs.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
 from tests.ratstlsmock import REAL_LIBRARY, library_under_test
 
 ROUNDS = int(os.environ.get("ENT_TEST_RATS_TLS_STRESS_ROUNDS", "10"))

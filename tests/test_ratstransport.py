@@ -17,9 +17,10 @@ from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.trial import unittest
 
-from ent import ratstls, ratstransport
+from ent import ratstls
+from ent.legs import ratstransport
 from ent.stats import ServiceStats
-from ent.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
+from ent.legs.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
 from tests.ratstlsmock import library_under_test
 
 

@@ -38,7 +38,7 @@ from ent.flow import Valve
 from ent.socketrelay import IncomingEnd, RelayOptions, SocketRelayFactory, SocketRelayService, makeRelayService
 from ent.stats import ServiceStats
 from ent.status import Scrape, fetch, metricsUrl
-from ent.vsock import CID_ANY, VsockClientEndpoint, VsockServerEndpoint
+from ent.legs.vsock import CID_ANY, VsockClientEndpoint, VsockServerEndpoint
 
 LOCAL = "127.0.0.1"
 

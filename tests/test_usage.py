@@ -21,7 +21,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent.endpoints import DescribedEndpoint, failureText
+from ent.legs.endpoints import DescribedEndpoint, failureText
 from ent.stats import LegStats
 from ent.topology import ECHOSVR, twistdCommand
 from tests.netns import enterNewNamespace

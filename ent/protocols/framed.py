@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from ent.errors import EmptyFrame, FramingError
 from ent.framing import FrameDecoder
-from ent.tls import isTls
+from ent.legs.tls import isTls
 
 
 def noDelay(transport):

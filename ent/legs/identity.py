@@ -9,7 +9,7 @@ asked first, so attested identities can be added without touching the
 router.
 """
 
-from ent.tls import isTls
+from ent.legs.tls import isTls
 
 
 def certificateNames(certificate):

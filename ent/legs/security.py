@@ -7,9 +7,9 @@ are the same whichever is chosen.
 
 from dataclasses import dataclass
 
-from ent import tls
-from ent.endpoints import DescribedEndpoint, hostOf, parsePort
-from ent.tls import TlsFiles
+from ent.legs import tls
+from ent.legs.endpoints import DescribedEndpoint, hostOf, parsePort
+from ent.legs.tls import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def ratsTlsSettings(choice):
     pair it with this leg's plugin choice.
     """
     from ent import ratstls
-    from ent.ratstransport import RatsTlsSettings
+    from ent.legs.ratstransport import RatsTlsSettings
 
     path = choice.library or ratstls.default_library_path()
     if path not in _libraries:
@@ -79,7 +79,7 @@ def secureClient(reactor, endpoint, security, description, leg="rats-tls", stats
         endpoint = tls.clientTls(endpoint, security.tlsFiles, security.peerName)
         description = f"{description} (TLS, {security.peerName})"
     elif security.kind == "rats-tls":
-        from ent.ratstransport import RatsTlsClientEndpoint
+        from ent.legs.ratstransport import RatsTlsClientEndpoint
 
         host = hostOf(description)
         port = parsePort(description.rpartition(":")[2])
@@ -98,7 +98,7 @@ def secureServer(reactor, endpoint, security, description, leg="rats-tls", stats
     if security.kind == "tls":
         return tls.serverTls(endpoint, security.tlsFiles)
     if security.kind == "rats-tls":
-        from ent.ratstransport import RatsTlsServerEndpoint
+        from ent.legs.ratstransport import RatsTlsServerEndpoint
 
         interface, _, port = description.rpartition(":")
         return RatsTlsServerEndpoint(
