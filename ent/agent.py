@@ -19,7 +19,7 @@ from ent.framing import HEADER_SIZE, frame, frameSequence
 from ent.packets import announcement, wellFormed
 from ent.protocols.framed import FramedLeg
 from ent.protocols.writethrough import writeThrough
-from ent.stats import ServiceStats
+from ent.observability.stats import ServiceStats
 
 
 class GatewayLink(FramedLeg):

@@ -145,12 +145,12 @@ def guarded(name, service, options, reactor):
     """
     extra = []
     if options["metrics"] is not None:
-        from ent.metrics import metricsService
+        from ent.observability.metrics import metricsService
 
         extra.append(metricsService(serverEndpoint(reactor, options["metrics"], "--metrics"), service.stats))
     observer = None
     if options["log-format"] == "json":
-        from ent.logs import observerFor
+        from ent.observability.logs import observerFor
 
         observer = observerFor(getattr(options, "parent", None))
     report = StartReport(getattr(options, "parent", None))
@@ -159,7 +159,7 @@ def guarded(name, service, options, reactor):
 
 def makeAgentService(options, reactor):
     from ent.agent import AgentService
-    from ent.stats import ServiceStats
+    from ent.observability.stats import ServiceStats
 
     def build():
         stats = ServiceStats("enta", reactor)
@@ -174,7 +174,7 @@ def makeAgentService(options, reactor):
 
 def makeGatewayService(options, reactor):
     from ent.gateway import GatewayService
-    from ent.stats import ServiceStats
+    from ent.observability.stats import ServiceStats
 
     def build():
         stats = ServiceStats("entg", reactor)

@@ -13,7 +13,7 @@ from twisted.application.service import MultiService
 from ent.legs.endpoints import listeningService
 from ent.protocols.relay import RelayLegFactory
 from ent.router import Router
-from ent.stats import ServiceStats
+from ent.observability.stats import ServiceStats
 
 
 class GatewayService(MultiService):

@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from ent.framing import HEADER, HEADER_SIZE
 from ent.packets import ANNOUNCE_SIZE, isAnnouncement
 from ent.protocols.writethrough import writeThrough
-from ent.stats import DROP_REASONS
+from ent.observability.stats import DROP_REASONS
 
 OTHER = {"agent": "peer", "peer": "agent"}
 

@@ -33,7 +33,7 @@ from ent.legs.endpoints import (
 from ent.errors import ConfigurationError, VsockAddressError
 from ent.flow import Valve
 from ent.options import ObservabilityOptions, _number, _usage
-from ent.stats import ServiceStats
+from ent.observability.stats import ServiceStats
 
 DEFAULT_MAX_CONNECTIONS = 1024
 

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from ent.errors import EntError, PrivilegeError, TunError
 from ent.netfilter import records, tableName
-from ent.stats import TunStats
+from ent.observability.stats import TunStats
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001

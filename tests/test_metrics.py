@@ -21,15 +21,15 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent import status
+from ent.observability import status
 from ent.agent import AgentService, GatewayLink
 from ent.framing import HEADER, frame
 from ent.router import Router
-from ent.logs import JsonLinesObserver, eventAsRecord, observerFor
-from ent.metrics import histogramOf, metricsSite, registryFor
+from ent.observability.logs import JsonLinesObserver, eventAsRecord, observerFor
+from ent.observability.metrics import histogramOf, metricsSite, registryFor
 from ent.protocols.relay import RelayLeg
 from ent.socketrelay import SocketRelayFactory
-from ent.stats import DROP_REASONS, ServiceStats
+from ent.observability.stats import DROP_REASONS, ServiceStats
 from tests.test_agent import FakeTun, agentOptions
 from tests.test_packets import ipv4, ipv6
 from tests.test_socketrelay import FakeEndpoint, HalfCloseTransport

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from ent.errors import FramingError
 from ent.framing import MAX_PACKET, FrameDecoder, frameSequence
 from ent.packets import packetProblem, wellFormed
-from ent.stats import DropReporter
+from ent.observability.stats import DropReporter
 
 
 def ipv4(payload=b"", ihl=5):

@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from ent import ratstls
 from ent.legs import ratstransport
-from ent.stats import ServiceStats
+from ent.observability.stats import ServiceStats
 from ent.legs.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
 from tests.ratstlsmock import library_under_test
 

@@ -13,7 +13,7 @@ from ent.framing import frame, frameSequence
 from ent.router import Router
 from ent.protocols.relay import RelayLeg
 from ent.router import ALONE
-from ent.stats import ServiceStats
+from ent.observability.stats import ServiceStats
 
 
 def connect(hub, side):

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from ent.framing import frame
 from ent.protocols.relay import RelayLeg
 from ent.router import ALONE, MAX_LEARNED, Router
-from ent.stats import ServiceStats
+from ent.observability.stats import ServiceStats
 
 
 def packet(src, dst, payload=b"x"):

@@ -36,8 +36,8 @@ from twisted.trial import unittest
 from ent.app import StartupGuard
 from ent.flow import Valve
 from ent.socketrelay import IncomingEnd, RelayOptions, SocketRelayFactory, SocketRelayService, makeRelayService
-from ent.stats import ServiceStats
-from ent.status import Scrape, fetch, metricsUrl
+from ent.observability.stats import ServiceStats
+from ent.observability.status import Scrape, fetch, metricsUrl
 from ent.legs.vsock import CID_ANY, VsockClientEndpoint, VsockServerEndpoint
 
 LOCAL = "127.0.0.1"

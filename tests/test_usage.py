@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from ent.legs.endpoints import DescribedEndpoint, failureText
-from ent.stats import LegStats
+from ent.observability.stats import LegStats
 from ent.topology import ECHOSVR, twistdCommand
 from tests.netns import enterNewNamespace
 from tests.test_options import enta, entg

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ent import addVersionOption
 from ent.cli import ArgumentParser, seconds
-from ent.stats import DROP_REASONS
+from ent.observability.stats import DROP_REASONS
 
 UP, DEGRADED, UNREACHABLE = 0, 1, 2
 
