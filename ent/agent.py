@@ -11,8 +11,9 @@ from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from ent import hostconfig, netfilter, tun
-from ent.guard import TableGuard
+from ent.hostconfig import steps as hostconfig, netfilter
+from ent import tun
+from ent.hostconfig.guard import TableGuard
 from ent.errors import EntError
 from ent.flow import Valve
 from ent.framing import HEADER_SIZE, frame, frameSequence

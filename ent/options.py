@@ -22,7 +22,7 @@ from ent.legs.endpoints import (
 from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
 from ent.legs.security import LegSecurity, RatsTlsChoice
-from ent.netfilter import tableName
+from ent.hostconfig.netfilter import tableName
 from ent.services import Exposure, Mapping, checkUnique, parseExposure, parseMapping
 from ent.legs.tls import TlsFiles
 

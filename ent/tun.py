@@ -18,7 +18,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 
 from ent.errors import EntError, PrivilegeError, TunError
-from ent.netfilter import records, tableName
+from ent.hostconfig.netfilter import records, tableName
 from ent.observability.stats import TunStats
 
 TUNSETIFF = 0x400454CA

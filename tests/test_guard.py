@@ -12,7 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
-from ent.guard import TableGuard, dropCounts
+from ent.hostconfig.guard import TableGuard, dropCounts
 from ent.observability.stats import ServiceStats
 
 COUNTERS = {"nftables": [

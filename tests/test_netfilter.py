@@ -4,7 +4,7 @@ The netfilter rule plan: what ENT asks nft to do, without running it.
 
 from twisted.trial import unittest
 
-from ent import netfilter
+from ent.hostconfig import netfilter
 from ent.errors import ConfigurationError
 from ent.services import Exposure, Mapping, parseExposure, parseMapping
 

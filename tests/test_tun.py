@@ -10,7 +10,8 @@ import subprocess
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from ent import hostconfig, tun
+from ent.hostconfig import steps as hostconfig
+from ent import tun
 from ent.errors import TunError
 from ent.packets import checksum
 from tests.netns import enterNewNamespace

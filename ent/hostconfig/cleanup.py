@@ -31,8 +31,8 @@ def cleanUp(name, record, records):
     """
     Remove the policy rules and routes, then the table, of the agent on C{name}.
     """
-    from ent import netfilter
-    from ent.routing import removePolicy
+    from ent.hostconfig import netfilter
+    from ent.hostconfig.routing import removePolicy
 
     if record.routeTable is not None:
         removePolicy(record.routeTable, name, records)
@@ -49,7 +49,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from pyroute2 import IPRoute
 
-    from ent import netfilter
+    from ent.hostconfig import netfilter
 
     try:
         records = netfilter.records()

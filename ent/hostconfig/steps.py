@@ -3,7 +3,7 @@ The host configuration steps that need pyroute2, run in a short-lived child
 process: the long-running agent then never loads pyroute2 (about 10 MB of
 resident memory, a fifth of the agent's).
 
-    python -m ent.hostconfig STEP JSON
+    python -m ent.hostconfig.steps STEP JSON
 
 A step's result comes back as JSON; errors come back as the L{ent.errors}
 class and message the child raised.
@@ -27,16 +27,16 @@ def _policyPlan(spec):
     Check the agent against the others on this host before it configures
     anything; for a capture, choose its table and rule priority.
     """
-    from ent.netfilter import records
-    from ent.routing import claimPolicy
+    from ent.hostconfig.netfilter import records
+    from ent.hostconfig.routing import claimPolicy
 
     policy = claimPolicy(spec["name"], spec["ports"], spec["table"], spec["gatewayPort"], records())
     return policy and {"table": policy.table, "priority": policy.priority}
 
 
 def _policyUp(spec):
-    from ent.netfilter import records
-    from ent.routing import Capture, PolicyRoute, installPolicy
+    from ent.hostconfig.netfilter import records
+    from ent.hostconfig.routing import Capture, PolicyRoute, installPolicy
 
     captures = tuple(Capture(*capture) for capture in spec.get("captures", ()))
     policy = PolicyRoute(spec["name"], tuple(spec["ports"]), spec["table"], spec["priority"], captures)
@@ -44,8 +44,8 @@ def _policyUp(spec):
 
 
 def _policyDown(spec):
-    from ent.netfilter import records
-    from ent.routing import removePolicy
+    from ent.hostconfig.netfilter import records
+    from ent.hostconfig.routing import removePolicy
 
     removePolicy(spec["table"], spec["name"], records())
 
@@ -59,7 +59,7 @@ def run(step, **spec):
     """
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "ent.hostconfig", step, json.dumps(spec)],
+            [sys.executable, "-m", "ent.hostconfig.steps", step, json.dumps(spec)],
             capture_output=True, text=True, timeout=30,
         )
     except subprocess.TimeoutExpired:

@@ -15,7 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
-from ent import netfilter
+from ent.hostconfig import netfilter
 
 
 def dropCounts(text):
