@@ -23,7 +23,7 @@ from ent.errors import ConfigurationError
 from ent.framing import MAX_PACKET
 from ent.legs.security import LegSecurity, RatsTlsChoice
 from ent.hostconfig.netfilter import tableName
-from ent.services import Exposure, Mapping, checkUnique, parseExposure, parseMapping
+from ent.capture.mapping import Exposure, Mapping, checkUnique, parseExposure, parseMapping
 from ent.legs.tls import TlsFiles
 
 CLIENT_TUN_ADDRESS = "192.168.0.1"

@@ -6,7 +6,7 @@ from twisted.trial import unittest
 
 from ent.hostconfig import netfilter
 from ent.errors import ConfigurationError
-from ent.services import Exposure, Mapping, parseExposure, parseMapping
+from ent.capture.mapping import Exposure, Mapping, parseExposure, parseMapping
 
 
 def capture(ports, record=netfilter.AgentRecord()):
