@@ -46,7 +46,7 @@ import urllib.request
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ent.packets import announcement  # noqa: E402
+from ent.protocols.packets import announcement  # noqa: E402
 from ent.topology import residentMemory as rss, twistdCommand  # noqa: E402
 from bench.run import cpuSeconds as cpu  # noqa: E402
 

@@ -16,8 +16,8 @@ from ent import tun
 from ent.hostconfig.guard import TableGuard
 from ent.errors import EntError
 from ent.flow import Valve
-from ent.framing import HEADER_SIZE, frame, frameSequence
-from ent.packets import announcement, wellFormed
+from ent.protocols.framing import HEADER_SIZE, frame, frameSequence
+from ent.protocols.packets import announcement, wellFormed
 from ent.protocols.framed import FramedLeg
 from ent.protocols.writethrough import writeThrough
 from ent.observability.stats import ServiceStats

@@ -12,7 +12,7 @@ from twisted.application.service import MultiService
 
 from ent.legs.endpoints import listeningService
 from ent.protocols.relay import RelayLegFactory
-from ent.router import Router
+from ent.protocols.router import Router
 from ent.observability.stats import ServiceStats
 
 

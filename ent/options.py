@@ -20,7 +20,7 @@ from ent.legs.endpoints import (
     checkClientDescription, checkServerDescription, hostOf, isPlainListen, parsePort, portIn, tcpPortOf,
 )
 from ent.errors import ConfigurationError
-from ent.framing import MAX_PACKET
+from ent.protocols.framing import MAX_PACKET
 from ent.legs.security import LegSecurity, RatsTlsChoice
 from ent.hostconfig.netfilter import tableName
 from ent.capture.mapping import Exposure, Mapping, checkUnique, parseExposure, parseMapping

@@ -23,8 +23,8 @@ from twisted.trial import unittest
 
 from ent.observability import status
 from ent.agent import AgentService, GatewayLink
-from ent.framing import HEADER, frame
-from ent.router import Router
+from ent.protocols.framing import HEADER, frame
+from ent.protocols.router import Router
 from ent.observability.logs import JsonLinesObserver, eventAsRecord, observerFor
 from ent.observability.metrics import histogramOf, metricsSite, registryFor
 from ent.protocols.relay import RelayLeg

@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from ent.errors import FramingError
-from ent.framing import MAX_PACKET, FrameDecoder, frameSequence
-from ent.packets import packetProblem, wellFormed
+from ent.protocols.framing import MAX_PACKET, FrameDecoder, frameSequence
+from ent.protocols.packets import packetProblem, wellFormed
 from ent.observability.stats import DropReporter
 
 

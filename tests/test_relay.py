@@ -9,10 +9,10 @@ from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
 from twisted.trial import unittest
 
-from ent.framing import frame, frameSequence
-from ent.router import Router
+from ent.protocols.framing import frame, frameSequence
+from ent.protocols.router import Router
 from ent.protocols.relay import RelayLeg
-from ent.router import ALONE
+from ent.protocols.router import ALONE
 from ent.observability.stats import ServiceStats
 
 

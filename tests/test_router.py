@@ -13,9 +13,9 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent.framing import frame
+from ent.protocols.framing import frame
 from ent.protocols.relay import RelayLeg
-from ent.router import ALONE, MAX_LEARNED, Router
+from ent.protocols.router import ALONE, MAX_LEARNED, Router
 from ent.observability.stats import ServiceStats
 
 
@@ -460,7 +460,7 @@ class ReportTests(RouterTestCase):
 
 class AnnouncementTests(RouterTestCase):
     def test_announcementClaimsTheAddressAndGoesNowhere(self):
-        from ent.packets import announcement
+        from ent.protocols.packets import announcement
 
         a, b = self.connect("agent"), self.connect("agent")
         peer = self.connect("peer")
@@ -475,7 +475,7 @@ class AnnouncementTests(RouterTestCase):
                                                   ("agent", "source_not_owned"): 1})
 
     def test_announcementIsAValidPacket(self):
-        from ent.packets import announcement, checksum, packetProblem
+        from ent.protocols.packets import announcement, checksum, packetProblem
 
         packet = announcement("10.0.0.1")
         self.assertIsNone(packetProblem(packet))

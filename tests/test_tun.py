@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from ent.hostconfig import steps as hostconfig
 from ent import tun
 from ent.errors import TunError
-from ent.packets import checksum
+from ent.protocols.packets import checksum
 from tests.netns import enterNewNamespace
 
 

@@ -12,7 +12,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ent.errors import EmptyFrame, FramingError
-from ent.framing import FrameDecoder
+from ent.protocols.framing import FrameDecoder
 from ent.legs.tls import isTls
 
 

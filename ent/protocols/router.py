@@ -52,8 +52,8 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 
-from ent.framing import HEADER, HEADER_SIZE
-from ent.packets import ANNOUNCE_SIZE, isAnnouncement
+from ent.protocols.framing import HEADER, HEADER_SIZE
+from ent.protocols.packets import ANNOUNCE_SIZE, isAnnouncement
 from ent.protocols.writethrough import writeThrough
 from ent.observability.stats import DROP_REASONS
 
