@@ -41,7 +41,7 @@ import time
 if __package__ in (None, ""):  # run as a script: python bench/run.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ent.topology import ADDRESS, HOSTS, Topology, Tunnel  # noqa: E402
+from ent.testing.topology import ADDRESS, HOSTS, Topology, Tunnel  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PORT = 5201  # iperf3's port, the one ENT captures and replays

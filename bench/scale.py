@@ -47,7 +47,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ent.protocols.packets import announcement  # noqa: E402
-from ent.topology import residentMemory as rss, twistdCommand  # noqa: E402
+from ent.testing.topology import residentMemory as rss, twistdCommand  # noqa: E402
 from bench.run import cpuSeconds as cpu  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

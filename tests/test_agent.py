@@ -12,10 +12,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent.agent import AgentService, GatewayLink
+from ent.services.agent import AgentService, GatewayLink
 from ent.flow import Valve
 from ent.protocols.framing import frameSequence
-from ent.gateway import GatewayService
+from ent.services.gateway import GatewayService
 from tests.test_packets import ipv4
 
 

@@ -22,13 +22,13 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from ent.observability import status
-from ent.agent import AgentService, GatewayLink
+from ent.services.agent import AgentService, GatewayLink
 from ent.protocols.framing import HEADER, frame
 from ent.protocols.router import Router
 from ent.observability.logs import JsonLinesObserver, eventAsRecord, observerFor
 from ent.observability.metrics import histogramOf, metricsSite, registryFor
 from ent.protocols.relay import RelayLeg
-from ent.socketrelay import SocketRelayFactory
+from ent.services.socketrelay import SocketRelayFactory
 from ent.observability.stats import DROP_REASONS, ServiceStats
 from tests.test_agent import FakeTun, agentOptions
 from tests.test_packets import ipv4, ipv6

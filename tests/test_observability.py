@@ -12,7 +12,7 @@ import time
 
 from twisted.trial import unittest
 
-from ent.topology import ADDRESS, Tunnel
+from ent.testing.topology import ADDRESS, Tunnel
 from tests.checks import METRICS, METRICS_PORT, scrapeIn, statusIn
 from tests.netns import requireRoot
 
@@ -220,7 +220,7 @@ class MetricsStartupTests(unittest.TestCase):
                           "import socket, time; s = socket.create_server(('127.0.0.1', %d)); "
                           "print('bound', flush=True); time.sleep(60)" % METRICS_PORT, name="blocker")
         t.waitFor(lambda: "bound" in open(os.path.join(tunnel.logdir, "blocker.log")).read())
-        from ent.topology import twistdCommand
+        from ent.testing.topology import twistdCommand
 
         result = t.exec("client", *twistdCommand(), "-n", "--pidfile=", "enta", "--dport", "7",
                         "--entg-connect", f"{ADDRESS['gw1.agent']}:6980", *METRICS, timeout=60)

@@ -33,9 +33,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent.app import StartupGuard
+from ent.services.app import StartupGuard
 from ent.flow import Valve
-from ent.socketrelay import IncomingEnd, RelayOptions, SocketRelayFactory, SocketRelayService, makeRelayService
+from ent.services.socketrelay import IncomingEnd, RelayOptions, SocketRelayFactory, SocketRelayService, makeRelayService
 from ent.observability.stats import ServiceStats
 from ent.observability.status import Scrape, fetch, metricsUrl
 from ent.legs.vsock import CID_ANY, VsockClientEndpoint, VsockServerEndpoint

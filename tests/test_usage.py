@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from ent.legs.endpoints import DescribedEndpoint, failureText
 from ent.observability.stats import LegStats
-from ent.topology import ECHOSVR, twistdCommand
+from ent.testing.topology import ECHOSVR, twistdCommand
 from tests.netns import enterNewNamespace
 from tests.test_options import enta, entg
 from tests.test_socketrelay import relayOptions as relay

@@ -29,7 +29,7 @@ from twisted.trial import unittest
 
 from ent.legs.endpoints import clientEndpoint, serverEndpoint
 from ent.errors import ConfigurationError, VsockConnectError
-from ent.options import EntgOptions
+from ent.services.options import EntgOptions
 from ent.legs.vsock import (
     CID_ANY,
     PORT_ANY,

@@ -9,7 +9,7 @@ from zope.interface import implementer
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 
-from ent.options import EntaOptions, EntgOptions
+from ent.services.options import EntaOptions, EntgOptions
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -23,7 +23,7 @@ class _EntServiceMaker:
     def makeService(self, options):
         from twisted.internet import reactor
 
-        from ent import app
+        from ent.services import app
 
         return getattr(app, self._build)(options, reactor)
 
@@ -40,7 +40,7 @@ entg = _EntServiceMaker(
 
 # The socket relay's builder lives outside ent.app, so its maker names it
 # by its full dotted path.
-from ent.socketrelay import RelayOptions  # noqa: E402
+from ent.services.socketrelay import RelayOptions  # noqa: E402
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -54,5 +54,5 @@ class _DottedServiceMaker(_EntServiceMaker):
 
 entRelay = _DottedServiceMaker(
     "ent-relay", "ENT socket relay: TCP <-> vsock between an enclave and its parent host",
-    RelayOptions, "ent.socketrelay.makeRelayService",
+    RelayOptions, "ent.services.socketrelay.makeRelayService",
 )

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ent.legs import vsock
-from ent.app import _built, guarded
+from ent.services.app import _built, guarded
 from ent.legs.endpoints import (
     addressText,
     checkClientDescription,
@@ -32,7 +32,7 @@ from ent.legs.endpoints import (
 )
 from ent.errors import ConfigurationError, VsockAddressError
 from ent.flow import Valve
-from ent.options import ObservabilityOptions, _number, _usage
+from ent.services.options import ObservabilityOptions, _number, _usage
 from ent.observability.stats import ServiceStats
 
 DEFAULT_MAX_CONNECTIONS = 1024

@@ -27,7 +27,7 @@ LINKS = (
     ("gw1", "10.2.0.1", "gw2", "10.2.0.2"),
     ("gw2", "10.3.0.1", "server", "10.3.0.2"),
 )
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 ECHOSVR = os.path.join(EXAMPLES, "echosvr.py")
 
 ADDRESS = {

@@ -1,7 +1,7 @@
 """
 The demo: the whole tunnel in four network namespaces on this machine.
 
-    python -m ent.demo
+    python -m ent.testing.demo
 
 It builds the namespaces (nothing changes in the root namespace), starts
 the two gateways, the two agents and an echo server, sends the unmodified
@@ -16,7 +16,7 @@ import tempfile
 
 from ent import addVersionOption
 from ent.cli import ArgumentParser, count
-from ent.topology import ADDRESS, Tunnel
+from ent.testing.topology import ADDRESS, Tunnel
 
 
 def say(text=""):

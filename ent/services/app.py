@@ -158,7 +158,7 @@ def guarded(name, service, options, reactor):
 
 
 def makeAgentService(options, reactor):
-    from ent.agent import AgentService
+    from ent.services.agent import AgentService
     from ent.observability.stats import ServiceStats
 
     def build():
@@ -173,7 +173,7 @@ def makeAgentService(options, reactor):
 
 
 def makeGatewayService(options, reactor):
-    from ent.gateway import GatewayService
+    from ent.services.gateway import GatewayService
     from ent.observability.stats import ServiceStats
 
     def build():
