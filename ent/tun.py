@@ -127,24 +127,6 @@ def configureTun(name, address, prefixlen, mtu):
                        f"mtu {mtu}): {e}")
 
 
-def kernelDrops(name, path="/proc/net/dev"):
-    """
-    Packets the kernel dropped on their way to our reader (its queue was
-    full while the reader was paused), or C{None} if C{name} is not found.
-
-    /proc/net/dev is read in the reading process's own network namespace.
-    """
-    try:
-        with open(path) as f:
-            for line in f:
-                interface, colon, counters = line.partition(":")
-                if colon and interface.strip() == name:
-                    return int(counters.split()[11])  # transmit "drop"
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 class TunTransport(FileDescriptor):
     """
     The TUN fd in the reactor: drains up to C{batch} packets per wakeup and

@@ -20,11 +20,28 @@ from twisted.web.server import Site
 
 from ent import __version__
 from ent.legs.endpoints import listeningService
-from ent.tun import kernelDrops
 
 # Upper bounds of the TUN batch-size histogram; the reader takes at most
 # ent.tun.DEFAULT_BATCH packets per wakeup.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def kernelDrops(name, path="/proc/net/dev"):
+    """
+    Packets the kernel dropped on their way to the TUN reader (its queue was
+    full while the reader was paused), or C{None} if C{name} is not found.
+
+    /proc/net/dev is read in the reading process's own network namespace.
+    """
+    try:
+        with open(path) as f:
+            for line in f:
+                interface, colon, counters = line.partition(":")
+                if colon and interface.strip() == name:
+                    return int(counters.split()[11])  # transmit "drop"
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class StatsCollector:
