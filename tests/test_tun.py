@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from ent.hostconfig import steps as hostconfig
+from ent.hostconfig.interface import configureTun
 from ent import tun
 from ent.errors import TunError
 from ent.protocols.packets import checksum
@@ -39,7 +40,7 @@ class TunTransportTests(unittest.TestCase):
             reactor,
         )
         self.addCleanup(self._close)
-        tun.configureTun("enttun0", "192.168.0.1", 24, 1500)
+        configureTun("enttun0", "192.168.0.1", 24, 1500)
 
     def _close(self):
         self.tun.stopReading()

@@ -17,7 +17,7 @@ from ent import errors
 
 
 def _tun(spec):
-    from ent.tun import configureTun
+    from ent.hostconfig.interface import configureTun
 
     configureTun(spec["name"], spec["address"], spec["prefixlen"], spec["mtu"])
 
