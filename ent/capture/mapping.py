@@ -11,7 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from ent.legs.endpoints import parsePort
+from ent.cli import parsePort
 from ent.errors import ConfigurationError
 
 PROTOCOLS = ("tcp", "udp")

@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from ent.cli import parseNumber
+from ent.cli import parseNumber, parsePort
 from ent.errors import ConfigurationError
 
 
@@ -101,16 +101,6 @@ def listeningService(endpoint, factory):
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d+)$")
 _INTERFACE_PORT = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[0-9.]+)):)?(?P<port>\d+)$")
-
-
-def parsePort(text, what="port"):
-    """
-    A TCP port number 1-65535, or a L{ConfigurationError}.
-    """
-    port = parseNumber(text, what)
-    if not 1 <= port <= 65535:
-        raise ConfigurationError(f"{what} {port} is out of range 1-65535")
-    return port
 
 
 def portIn(description, port, what):

@@ -8,7 +8,8 @@ are the same whichever is chosen.
 from dataclasses import dataclass
 
 from ent.legs import tls
-from ent.legs.endpoints import DescribedEndpoint, hostOf, parsePort
+from ent.cli import parsePort
+from ent.legs.endpoints import DescribedEndpoint, hostOf
 from ent.legs.tls import TlsFiles
 
 

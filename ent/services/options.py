@@ -15,9 +15,9 @@ from typing import NamedTuple
 from twisted.python import usage
 
 from ent import versionLine
-from ent.cli import parseNumber, usageExit
+from ent.cli import parseNumber, parsePort, usageExit
 from ent.legs.endpoints import (
-    checkClientDescription, checkServerDescription, hostOf, isPlainListen, parsePort, portIn, tcpPortOf,
+    checkClientDescription, checkServerDescription, hostOf, isPlainListen, portIn, tcpPortOf,
 )
 from ent.errors import ConfigurationError
 from ent.protocols.framing import MAX_PACKET
