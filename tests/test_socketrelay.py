@@ -33,7 +33,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent.services.app import StartupGuard
+from ent.services.startup import StartupGuard
 from ent.flow import Valve
 from ent.services.socketrelay import IncomingEnd, RelayOptions, SocketRelayFactory, SocketRelayService, makeRelayService
 from ent.observability.stats import ServiceStats

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ent.legs import vsock
-from ent.services.app import _built, guarded
+from ent.services.startup import _built, guarded
 from ent.legs.endpoints import (
     addressText,
     checkClientDescription,

@@ -38,7 +38,7 @@ entg = _EntServiceMaker(
 )
 
 
-# The socket relay's builder lives outside ent.app, so its maker names it
+# The socket relay's builder lives outside ent.services.app, so its maker names it
 # by its full dotted path.
 from ent.services.socketrelay import RelayOptions  # noqa: E402
 
