@@ -1,6 +1,6 @@
 """
 ENT's benchmark: ENT against OpenVPN and plain kernel routing, on the
-four-host namespace topology of L{ent.topology}.
+four-host namespace topology of L{ent.testing.topology}.
 
     .venv/bin/python -m bench.run          (or: make bench)
 

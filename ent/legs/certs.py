@@ -1,7 +1,7 @@
 """
 Make a small private CA and certificates for a test deployment of TLS legs.
 
-    python -m ent.legs.certs DIR gw1=10.2.0.1 gw2=10.2.0.2,gw2.example agent1 ...
+    python -m ent certs DIR gw1=10.2.0.1 gw2=10.2.0.2,gw2.example agent1 ...
 
 Each NAME gets DIR/NAME.pem and DIR/NAME.key, valid for NAME and for the
 DNS names and IP addresses after "=", signed by DIR/ca.pem (created with

@@ -91,7 +91,7 @@ def failureText(reason):
 def listeningService(endpoint, factory):
     """
     A service listening on C{endpoint}; a port it cannot listen on fails
-    the start (one line, by L{ent.app.StartupGuard}) instead of leaving a
+    the start (one line, by L{ent.services.startup.StartupGuard}) instead of leaving a
     service running that nobody can reach.
     """
     service = StreamServerEndpointService(endpoint, factory)

@@ -1,7 +1,7 @@
 """
 Prometheus metrics of a running service, on C{--metrics ENDPOINT}.
 
-The values are read from the service's L{ent.stats.ServiceStats} when the
+The values are read from the service's L{ent.observability.stats.ServiceStats} when the
 endpoint is scraped (a custom collector), so the data path keeps adding
 plain integers once per batch and never calls into prometheus_client.
 This module is imported only when C{--metrics} is given.

@@ -2,7 +2,7 @@
 Counters for what ENT carries and drops, with drops logged in aggregate.
 
 The data path only adds integers here, once per batch of packets; the
-Prometheus exposition (L{ent.metrics}) reads these objects when it is
+Prometheus exposition (L{ent.observability.metrics}) reads these objects when it is
 scraped, so a service without C{--metrics} pays nothing more, and one with
 it pays nothing per packet.
 """
@@ -150,7 +150,7 @@ class TunStats:
 class ServiceStats:
     """
     Everything one service counts: its legs, its drops, its failed
-    handshakes; read by L{ent.metrics} and by the service's own log lines.
+    handshakes; read by L{ent.observability.metrics} and by the service's own log lines.
     """
 
     def __init__(self, service, clock):

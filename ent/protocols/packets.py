@@ -14,7 +14,7 @@ def packetProblem(packet):
     Why C{packet} is not a well-formed IPv4 or IPv6 packet, or C{None}.
 
     The reasons are few and fixed, so they serve as drop-counter labels
-    (L{ent.stats.DROP_REASONS} says them in words).
+    (L{ent.observability.stats.DROP_REASONS} says them in words).
     """
     size = len(packet)
     version = packet[0] >> 4

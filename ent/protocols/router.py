@@ -13,7 +13,7 @@ Ownership of addresses:
 
   - an agent owns the source addresses it uses (learned from its frames,
     at most C{MAX_LEARNED["agent"]}), or, when C{--allowed-ips} lists one of
-    its identities (L{ent.identity}), exactly the prefixes listed there: a
+    its identities (L{ent.legs.identity}), exactly the prefixes listed there: a
     frame from another source is dropped as C{source_not_owned};
   - an agent that uses an address a live agent owns is refused: its leg is
     closed and both are logged; the owner is undisturbed. Addresses are
@@ -41,7 +41,7 @@ Per frame the router reads the length, the version and the two addresses
 and does one or two dict look-ups (a repeated source/destination pair is a
 cache hit); frames to the same target are written with one write-through
 (L{ent.protocols.writethrough}) per read. Nothing is logged per frame: drops are counted
-by reason and logged in aggregate by L{ent.stats.DropReporter}, and a drop
+by reason and logged in aggregate by L{ent.observability.stats.DropReporter}, and a drop
 for lack of a route is logged at most once a minute per destination.
 """
 
@@ -374,7 +374,7 @@ class Router:
 
     def announced(self, source, address):
         """
-        Take an agent's announcement (L{ent.packets.announcement}) as its
+        Take an agent's announcement (L{ent.protocols.packets.announcement}) as its
         claim of C{address}; return the drop reason if the claim fails.
         """
         if source.side == "agent":

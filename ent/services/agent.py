@@ -58,7 +58,7 @@ class AgentService(MultiService):
     """
     The agent: host configuration plus a reconnecting link to the gateway.
 
-    C{options} is a parsed L{ent.options.EntaOptions}; C{endpoint} is the
+    C{options} is a parsed L{ent.services.options.EntaOptions}; C{endpoint} is the
     gateway's client endpoint; C{reactor} provides the reactor and clock;
     C{stats} is where it counts (its own if not given).
     """

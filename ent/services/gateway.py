@@ -1,6 +1,6 @@
 """
 ENTG: relays frames between this side's agents and the peer gateways;
-L{ent.router} decides which leg each frame goes to.
+L{ent.protocols.router} decides which leg each frame goes to.
 
 Unlike ENG, which exits when either side closes, the gateway keeps running:
 legs come and go, and while one side has no leg the other side's legs are

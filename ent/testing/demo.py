@@ -1,7 +1,7 @@
 """
 The demo: the whole tunnel in four network namespaces on this machine.
 
-    python -m ent.testing.demo
+    python -m ent demo
 
 It builds the namespaces (nothing changes in the root namespace), starts
 the two gateways, the two agents and an echo server, sends the unmodified
