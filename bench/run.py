@@ -729,7 +729,7 @@ def chart(results, filename):
                 xs.append(position + (index - 1) * width)
                 heights.append(value / 1e9)
         bars = ax.bar(xs, heights, width, label=name, color=colour)
-        for bar, height in zip(bars, heights):
+        for bar, height in zip(bars, heights, strict=True):
             text = f"{height:.2f}" if height >= 1 else f"{height * 1000:.0f}M"
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2, height), ha="center", va="bottom",
                         fontsize=7, xytext=(0, 2), textcoords="offset points")

@@ -129,7 +129,7 @@ def blast(sockets, buffers, until):
     """
     selector = selectors.DefaultSelector()
     pending = {}
-    for s, buffer in zip(sockets, buffers):
+    for s, buffer in zip(sockets, buffers, strict=True):
         s.setblocking(False)
         pending[s] = memoryview(buffer)
         selector.register(s, selectors.EVENT_WRITE, buffer)

@@ -217,8 +217,8 @@ class MetricsStartupTests(unittest.TestCase):
         self.addCleanup(tunnel.__exit__, None, None, None)
         t = tunnel.topology
         blocker = t.start("client", sys.executable, "-c",
-                          "import socket, time; s = socket.create_server(('127.0.0.1', %d)); "
-                          "print('bound', flush=True); time.sleep(60)" % METRICS_PORT, name="blocker")
+                          f"import socket, time; s = socket.create_server(('127.0.0.1', {METRICS_PORT})); "
+                          "print('bound', flush=True); time.sleep(60)", name="blocker")
         t.waitFor(lambda: "bound" in open(os.path.join(tunnel.logdir, "blocker.log")).read())
         from ent.testing.topology import twistdCommand
 

@@ -194,7 +194,7 @@ class RoutingTests(RouterTestCase):
 
     def test_peerSourcesAreNeverTakenFromAnAgent(self):
         agent = self.connect("agent")
-        p1, p2 = self.connect("peer"), self.connect("peer")
+        p1, _p2 = self.connect("peer"), self.connect("peer")
         self.send(agent, packet("192.168.0.1", "10.1.0.1"))
         self.send(p1, packet("192.168.0.1", "192.168.0.1"))
         self.assertIs(self.router.owners[ipaddress.ip_address("192.168.0.1").packed], agent)

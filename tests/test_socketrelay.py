@@ -437,7 +437,7 @@ class MockModeTests(unittest.TestCase):
         clients = [await self.client(EchoClient(payload)) for payload in payloads]
         echoes = await gatherResults([client.done for client in clients])
         self.assertEqual(len(echoes), 100)
-        for payload, echo in zip(payloads, echoes):
+        for payload, echo in zip(payloads, echoes, strict=True):
             self.assertEqual(echo, payload)
         self.assertEqual(self.front.relay.accepted, 100)
         self.assertEqual(self.front.relay.bytesFromTarget, sum(map(len, payloads)))

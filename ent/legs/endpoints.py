@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from ent.cli import parseNumber, parsePort
+from ent.cli import parsePort
 from ent.errors import ConfigurationError
 
 

@@ -247,7 +247,7 @@ def _fields(kind, syntax, positional, keywords, args, kwargs):
     """
     if len(args) > len(positional):
         raise VsockAddressError(f"vsock {kind} endpoint: too many fields, give {syntax}")
-    fields = dict(zip(positional, args))
+    fields = dict(zip(positional, args, strict=False))
     for name, value in kwargs.items():
         if name not in positional + keywords:
             raise VsockAddressError(f"vsock {kind} endpoint: unknown field {name!r}, give {syntax}")
