@@ -48,7 +48,7 @@ if __package__ in (None, ""):
 
 from ent.protocols.packets import announcement  # noqa: E402
 from ent.testing.topology import residentMemory as rss, twistdCommand  # noqa: E402
-from bench.run import cpuSeconds as cpu  # noqa: E402
+from bench.measure import cpuSeconds as cpu  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 AGENT_PORT, PEER_PORT, METRICS_PORT = 6980, 6979, 9100
