@@ -26,9 +26,9 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.run import (  # noqa: E402
-    BY_KEY, CLK_TCK, LATENCY_PORT, PINGPONG, Namespaces, path, tunnelProcesses,
-)
+from bench.measure import CLK_TCK, tunnelProcesses  # noqa: E402
+from bench.systems import BY_KEY, path  # noqa: E402
+from bench.topology import LATENCY_PORT, PINGPONG, Namespaces  # noqa: E402
 
 SYSCALLS = "read,write,recvfrom,sendto,sendmsg,recvmsg,writev,epoll_wait,epoll_pwait,epoll_ctl"
 LINE = re.compile(r"^(?:\d+ +)?(\d+\.\d+) (\w+)\((\d+)?.*\) = (-?\d+)(?: \w+ \([^)]*\))? <(\d+\.\d+)>$")

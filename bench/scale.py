@@ -46,9 +46,10 @@ import urllib.request
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ent.packets import announcement  # noqa: E402
-from ent.topology import residentMemory as rss, twistdCommand  # noqa: E402
-from bench.run import cpuSeconds as cpu  # noqa: E402
+from bench.measure import cpuSeconds as cpu  # noqa: E402
+from ent.protocols.packets import announcement  # noqa: E402
+from ent.testing.topology import residentMemory as rss  # noqa: E402
+from ent.testing.topology import twistdCommand
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 AGENT_PORT, PEER_PORT, METRICS_PORT = 6980, 6979, 9100
@@ -129,7 +130,7 @@ def blast(sockets, buffers, until):
     """
     selector = selectors.DefaultSelector()
     pending = {}
-    for s, buffer in zip(sockets, buffers):
+    for s, buffer in zip(sockets, buffers, strict=True):
         s.setblocking(False)
         pending[s] = memoryview(buffer)
         selector.register(s, selectors.EVENT_WRITE, buffer)

@@ -8,10 +8,10 @@ from ent import versionLine
 from ent.cli import usageExit
 
 COMMANDS = {
-    "status": ("ent.status", "summarise a running service from its metrics"),
-    "certs": ("ent.certs", "make a small CA and certificates for a test deployment"),
-    "demo": ("ent.demo", "run the whole tunnel in network namespaces"),
-    "cleanup": ("ent.cleanup", "remove the rules a killed agent left (they keep captured traffic from leaking)"),
+    "status": ("ent.observability.status", "summarise a running service from its metrics"),
+    "certs": ("ent.legs.certs", "make a small CA and certificates for a test deployment"),
+    "demo": ("ent.testing.demo", "run the whole tunnel in network namespaces"),
+    "cleanup": ("ent.hostconfig.cleanup", "remove the rules a killed agent left (they keep captured traffic from leaking)"),
 }
 
 

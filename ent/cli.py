@@ -64,6 +64,16 @@ def parseNumber(text, what):
     return int(text)
 
 
+def parsePort(text, what="port"):
+    """
+    A TCP port number 1-65535, or a L{ConfigurationError}.
+    """
+    port = parseNumber(text, what)
+    if not 1 <= port <= 65535:
+        raise ConfigurationError(f"{what} {port} is out of range 1-65535")
+    return port
+
+
 def _argumentType(check):
     """
     An argparse C{type} from a check that raises L{ConfigurationError};

@@ -23,12 +23,7 @@ from dataclasses import dataclass
 
 from cffi import FFI
 
-from ent.errors import (
-    ConfigurationError,
-    RatsTlsClosed,
-    RatsTlsError,
-    RatsTlsLibraryError,
-)
+from ent.errors import ConfigurationError, RatsTlsClosed, RatsTlsError, RatsTlsLibraryError
 
 __all__ = [
     "DEFAULT_LIBRARY",

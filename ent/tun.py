@@ -1,6 +1,6 @@
 """
 The TUN device: created with IFF_TUN | IFF_NO_PI, configured with pyroute2
-(in L{ent.hostconfig}'s child process), and read by the reactor as a
+(L{ent.hostconfig.interface}, in a child process), and read by the reactor as a
 L{FileDescriptor}.
 
 The rest of ENT sees a narrow interface: batches of packets (and their size
@@ -18,8 +18,8 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 
 from ent.errors import EntError, PrivilegeError, TunError
-from ent.netfilter import records, tableName
-from ent.stats import TunStats
+from ent.hostconfig.netfilter import records, tableName
+from ent.observability.stats import TunStats
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -89,60 +89,6 @@ def openTun(name):
             )
         raise TunError(f"cannot create TUN {name}: {e.strerror}")
     return fd
-
-
-def _disableIpv6(name):
-    """
-    The tunnel carries IPv4; without this the kernel would send IPv6
-    router solicitations and MLD reports through it.
-    """
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-            f.write("1")
-    except OSError:
-        pass  # IPv6 is off in this kernel or namespace already
-
-
-def configureTun(name, address, prefixlen, mtu):
-    """
-    Give the TUN its address and MTU and bring it up.
-    """
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    _disableIpv6(name)
-    try:
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=name)
-            if not found:
-                raise TunError(f"cannot configure {name}: no such interface")
-            (index,) = found
-            ipr.link("set", index=index, mtu=mtu)
-            ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
-            ipr.link("set", index=index, state="up")
-    except NetlinkError as e:
-        if e.code == errno.EPERM:
-            raise PrivilegeError(f"cannot configure {name}: run as root")
-        raise TunError(f"cannot configure {name} ({address}/{prefixlen}, "
-                       f"mtu {mtu}): {e}")
-
-
-def kernelDrops(name, path="/proc/net/dev"):
-    """
-    Packets the kernel dropped on their way to our reader (its queue was
-    full while the reader was paused), or C{None} if C{name} is not found.
-
-    /proc/net/dev is read in the reading process's own network namespace.
-    """
-    try:
-        with open(path) as f:
-            for line in f:
-                interface, colon, counters = line.partition(":")
-                if colon and interface.strip() == name:
-                    return int(counters.split()[11])  # transmit "drop"
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 class TunTransport(FileDescriptor):

@@ -16,11 +16,10 @@ import hashlib
 import os
 import sys
 
-from zope.interface import implementer
-
 from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from zope.interface import implementer
 
 from ent import addVersionOption
 from ent.cli import ArgumentParser, count, seconds

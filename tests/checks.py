@@ -6,7 +6,7 @@ import re
 import signal
 import sys
 
-from ent.status import Scrape
+from ent.observability.status import Scrape
 
 
 def sha256s(output):

@@ -12,10 +12,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent.agent import AgentService, GatewayLink
 from ent.flow import Valve
-from ent.framing import frameSequence
-from ent.gateway import GatewayService
+from ent.protocols.framing import frameSequence
+from ent.services.agent import AgentService, GatewayLink
+from ent.services.gateway import GatewayService
 from tests.test_packets import ipv4
 
 
@@ -72,8 +72,8 @@ class AgentDataPathTests(unittest.TestCase):
         With --announce the first frame on every new link is the agent's
         announcement; without it the link carries only the TUN's packets.
         """
-        from ent.framing import frame
-        from ent.packets import announcement
+        from ent.protocols.framing import frame
+        from ent.protocols.packets import announcement
 
         self.assertEqual(self.connect().transport.value(), b"")
         self.agent.options["announce"] = True

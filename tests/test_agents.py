@@ -16,7 +16,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from ent.topology import ADDRESS, ECHOSVR, Topology, twistdCommand
+from ent.testing.topology import ADDRESS, ECHOSVR, Topology, twistdCommand
 from tests.netns import requireRoot
 
 # name: (client TUN, client --dport, server TUN, client address, server address, agent port, peer port)

@@ -7,7 +7,7 @@ import sys
 
 from twisted.trial import unittest
 
-from ent.topology import Topology, Tunnel, twistdCommand
+from ent.testing.topology import Topology, Tunnel, twistdCommand
 from tests.checks import assertEchoAndTransfer, assertStopsCleanly
 from tests.netns import requireRoot
 

@@ -16,8 +16,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from ent import __version__
-from ent.options import EntaOptions
-from ent.topology import ADDRESS, ECHOSVR, Tunnel, twistdCommand
+from ent.services.options import EntaOptions
+from ent.testing.topology import ADDRESS, ECHOSVR, Tunnel, twistdCommand
 from tests.checks import assertStopsCleanly
 from tests.netns import enterNewNamespace, requireRoot
 

@@ -20,7 +20,7 @@ import time
 
 from twisted.trial import unittest
 
-from ent.topology import ADDRESS, ECHOSVR, Topology, Tunnel
+from ent.testing.topology import ADDRESS, ECHOSVR, Topology, Tunnel
 from tests.checks import METRICS, scrapeIn
 from tests.netns import requireRoot
 

@@ -11,7 +11,7 @@ import time
 from twisted.trial import unittest
 
 from ent.protocols.relay import RelayLeg
-from ent.topology import Tunnel
+from ent.testing.topology import Tunnel
 from tests.checks import sha256s
 from tests.netns import requireRoot
 

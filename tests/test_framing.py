@@ -7,7 +7,7 @@ import struct
 from twisted.trial import unittest
 
 from ent.errors import EmptyFrame, FrameTooLarge
-from ent.framing import MAX_PACKET, FrameDecoder, frame, frameSequence
+from ent.protocols.framing import MAX_PACKET, FrameDecoder, frame, frameSequence
 
 
 def ipv4(payload=b"x" * 20):

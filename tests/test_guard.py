@@ -12,8 +12,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
-from ent.guard import TableGuard, dropCounts
-from ent.stats import ServiceStats
+from ent.hostconfig.guard import TableGuard, dropCounts
+from ent.observability.stats import ServiceStats
 
 COUNTERS = {"nftables": [
     {"metainfo": {"version": "1.0.6"}},

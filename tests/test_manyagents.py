@@ -11,8 +11,8 @@ import tempfile
 
 from twisted.trial import unittest
 
-from ent import certs
-from ent.topology import ADDRESS
+from ent.legs import certs
+from ent.testing.topology import ADDRESS
 from tests.checks import METRICS, METRICS_PORT, scrapeIn
 from tests.netns import requireRoot
 from tests.test_agents import TUNNELS, TwoTunnels

@@ -20,8 +20,8 @@ import tempfile
 
 from twisted.trial import unittest
 
-from ent import certs
-from ent.topology import ECHOSVR, Topology
+from ent.legs import certs
+from ent.testing.topology import ECHOSVR, Topology
 from tests.checks import METRICS, scrapeIn, sha256s, statusIn
 from tests.netns import requireRoot
 from tests.test_tls import tlsArgs

@@ -4,8 +4,8 @@ drop reason reaches its label, the exposition parses, the page is served
 over real HTTP. The real tunnel is scraped in test_observability.
 """
 
-import ipaddress
 import io
+import ipaddress
 import json
 import socket
 import sys
@@ -21,15 +21,15 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent import status
-from ent.agent import AgentService, GatewayLink
-from ent.framing import HEADER, frame
-from ent.router import Router
-from ent.logs import JsonLinesObserver, eventAsRecord, observerFor
-from ent.metrics import histogramOf, metricsSite, registryFor
+from ent.observability import status
+from ent.observability.logs import JsonLinesObserver, eventAsRecord, observerFor
+from ent.observability.metrics import histogramOf, metricsSite, registryFor
+from ent.observability.stats import DROP_REASONS, ServiceStats
+from ent.protocols.framing import HEADER, frame
 from ent.protocols.relay import RelayLeg
-from ent.socketrelay import SocketRelayFactory
-from ent.stats import DROP_REASONS, ServiceStats
+from ent.protocols.router import Router
+from ent.protocols.splice import SocketRelayFactory
+from ent.services.agent import AgentService, GatewayLink
 from tests.test_agent import FakeTun, agentOptions
 from tests.test_packets import ipv4, ipv6
 from tests.test_socketrelay import FakeEndpoint, HalfCloseTransport
@@ -197,8 +197,8 @@ class DropReasonTests(unittest.TestCase):
         return stats, {("incoming", "connection_limit"): 2}
 
     def udpOnTheUserStack(self):
-        from ent.services import parseExposure
-        from ent.userudp import UdpFlows
+        from ent.capture.mapping import parseExposure
+        from ent.capture.userudp import UdpFlows
         from tests.test_userudp import CLIENT, FAR, SERVER_OWN, FakeReactor, fromFar
 
         reactor = FakeReactor()
@@ -222,7 +222,7 @@ class DropReasonTests(unittest.TestCase):
 
         from twisted.internet.testing import MemoryReactorClock
 
-        from ent.userstack import UserStack
+        from ent.capture.userstack import UserStack
 
         reactor = MemoryReactorClock()
         stats = ServiceStats("enta", reactor)

@@ -4,9 +4,9 @@ The netfilter rule plan: what ENT asks nft to do, without running it.
 
 from twisted.trial import unittest
 
-from ent import netfilter
+from ent.capture.mapping import Exposure, Mapping, parseExposure, parseMapping
 from ent.errors import ConfigurationError
-from ent.services import Exposure, Mapping, parseExposure, parseMapping
+from ent.hostconfig import netfilter
 
 
 def capture(ports, record=netfilter.AgentRecord()):

@@ -12,7 +12,7 @@ import time
 
 from twisted.trial import unittest
 
-from ent.topology import ADDRESS, Tunnel
+from ent.testing.topology import ADDRESS, Tunnel
 from tests.checks import METRICS, METRICS_PORT, scrapeIn, statusIn
 from tests.netns import requireRoot
 
@@ -217,10 +217,10 @@ class MetricsStartupTests(unittest.TestCase):
         self.addCleanup(tunnel.__exit__, None, None, None)
         t = tunnel.topology
         blocker = t.start("client", sys.executable, "-c",
-                          "import socket, time; s = socket.create_server(('127.0.0.1', %d)); "
-                          "print('bound', flush=True); time.sleep(60)" % METRICS_PORT, name="blocker")
+                          f"import socket, time; s = socket.create_server(('127.0.0.1', {METRICS_PORT})); "
+                          "print('bound', flush=True); time.sleep(60)", name="blocker")
         t.waitFor(lambda: "bound" in open(os.path.join(tunnel.logdir, "blocker.log")).read())
-        from ent.topology import twistdCommand
+        from ent.testing.topology import twistdCommand
 
         result = t.exec("client", *twistdCommand(), "-n", "--pidfile=", "enta", "--dport", "7",
                         "--entg-connect", f"{ADDRESS['gw1.agent']}:6980", *METRICS, timeout=60)

@@ -8,7 +8,7 @@ import os
 from twisted.python import usage
 from twisted.trial import unittest
 
-from ent.options import EntaOptions, EntgOptions
+from ent.services.options import EntaOptions, EntgOptions
 
 
 def enta(*argv):

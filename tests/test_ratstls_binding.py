@@ -25,24 +25,9 @@ import time
 from twisted.trial import unittest
 
 from ent import ratstls
-from ent.errors import (
-    ConfigurationError,
-    RatsTlsClosed,
-    RatsTlsError,
-    RatsTlsLibraryError,
-    StartupError,
-)
+from ent.errors import ConfigurationError, RatsTlsClosed, RatsTlsError, RatsTlsLibraryError, StartupError
 from ent.ratstls import RatsTlsConfig, ffi
-
-from tests.ratstlsmock import (
-    MOCK_ONLY,
-    PROJECT,
-    REAL_LIBRARY,
-    build_mock,
-    library_under_test,
-    mock_library,
-    tmpRoot,
-)
+from tests.ratstlsmock import MOCK_ONLY, PROJECT, REAL_LIBRARY, build_mock, library_under_test, mock_library, tmpRoot
 
 TIMEOUT = 10.0
 QUIET = ratstls.LOG_NONE

@@ -14,16 +14,15 @@ import os
 import random
 import time
 
-from zope.interface import implementer
-
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from ent import ratstls
+from ent.legs.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
 from ent.ratstls import RatsTlsSession
-from ent.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
 from tests.ratstlsmock import REAL_LIBRARY, library_under_test
 
 ROUNDS = int(os.environ.get("ENT_TEST_RATS_TLS_STRESS_ROUNDS", "10"))

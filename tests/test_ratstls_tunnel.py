@@ -9,7 +9,7 @@ import shutil
 
 from twisted.trial import unittest
 
-from ent.topology import Topology, Tunnel, twistdCommand
+from ent.testing.topology import Topology, Tunnel, twistdCommand
 from tests.checks import assertEchoAndTransfer, assertStopsCleanly
 from tests.netns import requireRoot
 from tests.ratstlsmock import MOCK_ONLY, build_mock, library_path_under_test

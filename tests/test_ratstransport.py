@@ -9,17 +9,17 @@ import os
 import socket
 import threading
 
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from twisted.internet import defer, error, protocol, reactor, task
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.trial import unittest
-
-from ent import ratstls, ratstransport
-from ent.stats import ServiceStats
-from ent.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
+from ent import ratstls
+from ent.legs import ratstransport
+from ent.legs.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
+from ent.observability.stats import ServiceStats
 from tests.ratstlsmock import library_under_test
 
 

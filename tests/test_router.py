@@ -13,10 +13,10 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent.framing import frame
+from ent.observability.stats import ServiceStats
+from ent.protocols.framing import frame
 from ent.protocols.relay import RelayLeg
-from ent.router import ALONE, MAX_LEARNED, Router
-from ent.stats import ServiceStats
+from ent.protocols.router import ALONE, MAX_LEARNED, Router
 
 
 def packet(src, dst, payload=b"x"):
@@ -194,7 +194,7 @@ class RoutingTests(RouterTestCase):
 
     def test_peerSourcesAreNeverTakenFromAnAgent(self):
         agent = self.connect("agent")
-        p1, p2 = self.connect("peer"), self.connect("peer")
+        p1, _p2 = self.connect("peer"), self.connect("peer")
         self.send(agent, packet("192.168.0.1", "10.1.0.1"))
         self.send(p1, packet("192.168.0.1", "192.168.0.1"))
         self.assertIs(self.router.owners[ipaddress.ip_address("192.168.0.1").packed], agent)
@@ -460,7 +460,7 @@ class ReportTests(RouterTestCase):
 
 class AnnouncementTests(RouterTestCase):
     def test_announcementClaimsTheAddressAndGoesNowhere(self):
-        from ent.packets import announcement
+        from ent.protocols.packets import announcement
 
         a, b = self.connect("agent"), self.connect("agent")
         peer = self.connect("peer")
@@ -475,7 +475,7 @@ class AnnouncementTests(RouterTestCase):
                                                   ("agent", "source_not_owned"): 1})
 
     def test_announcementIsAValidPacket(self):
-        from ent.packets import announcement, checksum, packetProblem
+        from ent.protocols.packets import announcement, checksum, packetProblem
 
         packet = announcement("10.0.0.1")
         self.assertIsNone(packetProblem(packet))

@@ -6,8 +6,8 @@ kernel state written out by hand; the real thing runs in test_agents.
 from twisted.trial import unittest
 
 from ent.errors import RoutingError
-from ent.netfilter import AgentRecord
-from ent.routing import Claim, HostState, PolicyRoute, planPolicy, preferredSlot
+from ent.hostconfig.netfilter import AgentRecord
+from ent.hostconfig.routing import Claim, HostState, PolicyRoute, planPolicy, preferredSlot
 
 
 def host(*claims, records=None, tables=(), priorities=None):
@@ -80,14 +80,14 @@ class PlanPolicyTests(unittest.TestCase):
 
 class RuleArgumentsTests(unittest.TestCase):
     def test_engsDportIsTcpFromThisHost(self):
-        from ent.routing import ruleArguments
+        from ent.hostconfig.routing import ruleArguments
 
         args = ruleArguments(PolicyRoute("tun0", (7,), 6978, 6979), PolicyRoute("tun0", (7,)).rules()[0])
         self.assertEqual(args, dict(table=6978, priority=6979, protocol=231, iifname="lo", ip_proto=6,
                                     dport_range="7:7"))
 
     def test_mappingWithAddressFromAnInterface(self):
-        from ent.routing import Capture, ruleArguments
+        from ent.hostconfig.routing import Capture, ruleArguments
 
         capture = Capture("udp", 53, "10.3.0.2", "vbox")
         args = ruleArguments(PolicyRoute("tun0", (53,), 6978, 6978, (capture,)), capture)
@@ -96,7 +96,7 @@ class RuleArgumentsTests(unittest.TestCase):
 
 class CleanupTests(unittest.TestCase):
     def test_onlyAgentsWhoseTunIsGone(self):
-        from ent.cleanup import leftBehind
+        from ent.hostconfig.cleanup import leftBehind
 
         records = {"tun0": AgentRecord(6978, 6978), "tun1": AgentRecord(6979, 6979), "srv": AgentRecord()}
         self.assertEqual(leftBehind(records, {"lo", "tun1", "eth0"}), ["srv", "tun0"])

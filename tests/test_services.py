@@ -6,7 +6,7 @@ how ENG's --dport and --replay become their special cases.
 from twisted.python import usage
 from twisted.trial import unittest
 
-from ent.services import Exposure, Mapping
+from ent.capture.mapping import Exposure, Mapping
 from tests.test_options import enta
 
 

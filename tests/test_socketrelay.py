@@ -12,33 +12,28 @@ import socket
 import subprocess
 import sys
 
-from zope.interface import implementer
-
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP4ServerEndpoint,
-    connectProtocol,
-)
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.threads import deferToThread
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface import implementer
 
-from ent.app import StartupGuard
 from ent.flow import Valve
-from ent.socketrelay import IncomingEnd, RelayOptions, SocketRelayFactory, SocketRelayService, makeRelayService
-from ent.stats import ServiceStats
-from ent.status import Scrape, fetch, metricsUrl
-from ent.vsock import CID_ANY, VsockClientEndpoint, VsockServerEndpoint
+from ent.legs.vsock import CID_ANY, VsockClientEndpoint, VsockServerEndpoint
+from ent.observability.stats import ServiceStats
+from ent.observability.status import Scrape, fetch, metricsUrl
+from ent.protocols.splice import IncomingEnd, SocketRelayFactory
+from ent.services.socketrelay import RelayOptions, SocketRelayService, makeRelayService
+from ent.services.startup import StartupGuard
 
 LOCAL = "127.0.0.1"
 
@@ -437,7 +432,7 @@ class MockModeTests(unittest.TestCase):
         clients = [await self.client(EchoClient(payload)) for payload in payloads]
         echoes = await gatherResults([client.done for client in clients])
         self.assertEqual(len(echoes), 100)
-        for payload, echo in zip(payloads, echoes):
+        for payload, echo in zip(payloads, echoes, strict=True):
             self.assertEqual(echo, payload)
         self.assertEqual(self.front.relay.accepted, 100)
         self.assertEqual(self.front.relay.bytesFromTarget, sum(map(len, payloads)))

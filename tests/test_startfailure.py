@@ -15,7 +15,7 @@ import uuid
 
 from twisted.trial import unittest
 
-from ent.topology import twistdCommand
+from ent.testing.topology import twistdCommand
 from tests.netns import requireRoot
 
 # Seconds a failed start may take to return.

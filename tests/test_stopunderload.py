@@ -13,7 +13,7 @@ import time
 
 from twisted.trial import unittest
 
-from ent.topology import ADDRESS, Tunnel, twistdCommand
+from ent.testing.topology import ADDRESS, Tunnel, twistdCommand
 from tests.netns import requireRoot
 
 # Seconds an ENT process may take to exit after SIGTERM.

@@ -9,8 +9,8 @@ import time
 
 from twisted.trial import unittest
 
-from ent import certs
-from ent.topology import ADDRESS, Tunnel
+from ent.legs import certs
+from ent.testing.topology import ADDRESS, Tunnel
 from tests.checks import METRICS, assertEchoAndTransfer, scrapeIn
 from tests.netns import requireRoot
 

@@ -10,9 +10,11 @@ import subprocess
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from ent import hostconfig, tun
+from ent import tun
 from ent.errors import TunError
-from ent.packets import checksum
+from ent.hostconfig import steps as hostconfig
+from ent.hostconfig.interface import configureTun
+from ent.protocols.packets import checksum
 from tests.netns import enterNewNamespace
 
 
@@ -38,7 +40,7 @@ class TunTransportTests(unittest.TestCase):
             reactor,
         )
         self.addCleanup(self._close)
-        tun.configureTun("enttun0", "192.168.0.1", 24, 1500)
+        configureTun("enttun0", "192.168.0.1", 24, 1500)
 
     def _close(self):
         self.tun.stopReading()

@@ -21,9 +21,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ent.endpoints import DescribedEndpoint, failureText
-from ent.stats import LegStats
-from ent.topology import ECHOSVR, twistdCommand
+from ent.legs.endpoints import DescribedEndpoint, failureText
+from ent.observability.stats import LegStats
+from ent.testing.topology import ECHOSVR, twistdCommand
 from tests.netns import enterNewNamespace
 from tests.test_options import enta, entg
 from tests.test_socketrelay import relayOptions as relay

@@ -25,14 +25,14 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ent import certs
+from ent.capture.mapping import Exposure, Mapping, parseListen
+from ent.capture.userstack import UserStack, removeStaleSocketDirs
 from ent.errors import UserStackError
-from ent.packets import checksum
-from ent.services import Exposure, Mapping, parseListen
-from ent.socketrelay import SocketRelayFactory
-from ent.stats import DropReporter
-from ent.userstack import UserStack, removeStaleSocketDirs
-from ent.topology import ADDRESS, ECHOSVR, USER_LISTEN_PORT, Tunnel, twistdCommand, UNPRIVILEGED
+from ent.legs import certs
+from ent.observability.stats import DropReporter
+from ent.protocols.packets import checksum
+from ent.protocols.splice import SocketRelayFactory
+from ent.testing.topology import ADDRESS, ECHOSVR, UNPRIVILEGED, USER_LISTEN_PORT, Tunnel, twistdCommand
 from tests.checks import METRICS, assertEchoAndTransfer, scrapeIn, sha256s
 from tests.netns import requireRoot
 

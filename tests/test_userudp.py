@@ -1,5 +1,5 @@
 """
-UDP of the user-space stack (L{ent.userudp}): packets, checksums and flow
+UDP of the user-space stack (L{ent.capture.userudp}): packets, checksums and flow
 tables against fakes, with a clock; the real thing through the four-host
 tunnel is in L{tests.test_userstack}.
 """
@@ -13,12 +13,12 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from ent.capture.mapping import parseExposure, parseListen
+from ent.capture.userudp import UdpFlows, onesSum, parseUdp, udpChecksum, udpPacket
 from ent.errors import UserStackError
-from ent.packets import checksum
-from ent.services import parseExposure, parseListen
-from ent.stats import DropReporter
-from ent.topology import ADDRESS
-from ent.userudp import UdpFlows, onesSum, parseUdp, udpChecksum, udpPacket
+from ent.observability.stats import DropReporter
+from ent.protocols.packets import checksum
+from ent.testing.topology import ADDRESS
 from tests.checks import METRICS, scrapeIn
 from tests.netns import requireRoot
 from tests.test_exposure import UDP_ECHO, udpProbe

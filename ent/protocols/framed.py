@@ -5,15 +5,14 @@ error with a log line naming the peer.
 
 import socket
 
-from zope.interface import implementer
-
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISystemHandle
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ent.errors import EmptyFrame, FramingError
-from ent.framing import FrameDecoder
-from ent.tls import isTls
+from ent.legs.tls import isTls
+from ent.protocols.framing import FrameDecoder
 
 
 def noDelay(transport):

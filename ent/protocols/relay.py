@@ -9,7 +9,7 @@ import socket
 from twisted.internet.interfaces import ISystemHandle
 from twisted.internet.protocol import Factory
 
-from ent.identity import peerIdentities
+from ent.legs.identity import peerIdentities
 from ent.protocols.framed import FramedLeg
 
 # A leg whose peer vanished without a close (host down, path cut) holds its

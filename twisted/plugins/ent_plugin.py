@@ -4,12 +4,11 @@ twistd plugins of ENT: C{twistd enta} and C{twistd entg}.
 This is the only place that touches the global reactor.
 """
 
-from zope.interface import implementer
-
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
+from zope.interface import implementer
 
-from ent.options import EntaOptions, EntgOptions
+from ent.services.options import EntaOptions, EntgOptions
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -23,7 +22,7 @@ class _EntServiceMaker:
     def makeService(self, options):
         from twisted.internet import reactor
 
-        from ent import app
+        from ent.services import app
 
         return getattr(app, self._build)(options, reactor)
 
@@ -38,9 +37,9 @@ entg = _EntServiceMaker(
 )
 
 
-# The socket relay's builder lives outside ent.app, so its maker names it
+# The socket relay's builder lives outside ent.services.app, so its maker names it
 # by its full dotted path.
-from ent.socketrelay import RelayOptions  # noqa: E402
+from ent.services.socketrelay import RelayOptions  # noqa: E402
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -54,5 +53,5 @@ class _DottedServiceMaker(_EntServiceMaker):
 
 entRelay = _DottedServiceMaker(
     "ent-relay", "ENT socket relay: TCP <-> vsock between an enclave and its parent host",
-    RelayOptions, "ent.socketrelay.makeRelayService",
+    RelayOptions, "ent.services.socketrelay.makeRelayService",
 )

@@ -3,7 +3,7 @@ Endpoint string parsers of ENT: C{vsock:CID:PORT} (client) and
 C{vsock:PORT} (server), for every option that takes an endpoint string.
 """
 
-from ent.vsock import VsockClientParser, VsockServerParser
+from ent.legs.vsock import VsockClientParser, VsockServerParser
 
 vsockClient = VsockClientParser()
 vsockServer = VsockServerParser()

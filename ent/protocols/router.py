@@ -1,0 +1,566 @@
+"""
+The gateway's router: which leg each frame goes to.
+
+A gateway holds any number of agent legs and peer-gateway legs. A frame
+from an agent goes to the leg that owns its IP destination; a destination
+nobody owns goes to the only leg of the other side, if there is exactly
+one and it is not a peer with prefixes of its own (so one agent and one
+peer relay everything to each other, as ENG does), else it is dropped as
+C{no_route}. A frame from a peer is routed the
+same way among the agents.
+
+Ownership of addresses:
+
+  - an agent owns the source addresses it uses (learned from its frames,
+    at most C{MAX_LEARNED["agent"]}), or, when C{--allowed-ips} lists one of
+    its identities (L{ent.legs.identity}), exactly the prefixes listed there: a
+    frame from another source is dropped as C{source_not_owned};
+  - an agent that uses an address a live agent owns is refused: its leg is
+    closed and both are logged; the owner is undisturbed. Addresses are
+    freed when their leg closes;
+  - a peer gateway carries many far hosts. A peer this gateway connects
+    to with prefixes (C{--entg-connect HOST:PORT=PREFIX,...}) owns exactly
+    those, connected or not: while it is away, frames to them are dropped
+    as C{no_route}, never sent to another peer, and no other peer learns
+    them (an agent's own address, a host route, still wins over them). Of any other peer, the sources of its frames are
+    learned as routes to it (the latest peer wins), but never taken from an
+    agent. A peer's frames are not dropped for their source, and go only
+    to agents, never on to another peer, so no loop can form between
+    gateways.
+
+Backpressure: each leg's transport has a L{Gate} registered as its
+producer. When the transport's buffer is full, the gate pauses the legs
+that have written to it since it last paused, and any that write to it
+while it is full; when the buffer drains it resumes them. A leg reads
+again only when nothing holds it (L{Router.hold}). So a gateway holds at
+most one read per source beyond each transport's buffer, whatever the
+number of legs; the price is head-of-line blocking: an agent that writes to
+a full peer stops being read, also for frames to other peers.
+
+Per frame the router reads the length, the version and the two addresses
+and does one or two dict look-ups (a repeated source/destination pair is a
+cache hit); frames to the same target are written with one write-through
+(L{ent.protocols.writethrough}) per read. Nothing is logged per frame: drops are counted
+by reason and logged in aggregate by L{ent.observability.stats.DropReporter}, and a drop
+for lack of a route is logged at most once a minute per destination.
+"""
+
+import ipaddress
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ent.observability.stats import DROP_REASONS
+from ent.protocols.framing import HEADER, HEADER_SIZE
+from ent.protocols.packets import ANNOUNCE_SIZE, isAnnouncement
+from ent.protocols.writethrough import writeThrough
+
+OTHER = {"agent": "peer", "peer": "agent"}
+
+# Why a leg is paused, beside the gates of full targets: no leg of the
+# other side is connected, so its frames wait in its socket.
+ALONE = "alone"
+
+# Addresses a leg may learn: an agent is one host (or a small routed
+# network behind a bare agent); a peer gateway fronts many.
+MAX_LEARNED = {"agent": 256, "peer": 4096}
+
+
+def addressText(packed):
+    return str(ipaddress.ip_address(bytes(packed))) if packed is not None else "?"
+
+
+@implementer(IPushProducer)
+class Gate:
+    """
+    The producer registered on one leg's transport: it pauses whoever
+    writes to that leg while its buffer is full.
+    """
+
+    def __init__(self, router, leg):
+        self.router = router
+        self.leg = leg
+        self.full = False
+        # Legs that wrote since the last pause, and legs this gate holds.
+        self.senders = set()
+        self.held = set()
+
+    def willSend(self, source):
+        if self.full:
+            if source not in self.held:
+                self.held.add(source)
+                self.router.hold(source, self)
+        else:
+            self.senders.add(source)
+
+    def pauseProducing(self):
+        self.full = True
+        senders, self.senders = self.senders, set()
+        for source in senders:
+            self.willSend(source)
+
+    def resumeProducing(self):
+        self.full = False
+        held, self.held = self.held, set()
+        for source in held:
+            self.router.release(source, self)
+
+    def stopProducing(self):
+        """
+        The leg's connection is gone: nobody waits for it any more.
+        """
+        self.resumeProducing()
+
+    def forget(self, leg):
+        self.senders.discard(leg)
+        self.held.discard(leg)
+
+
+class Router:
+    """
+    Holds the gateway's legs, who owns which address, and moves frames.
+    """
+
+    log = Logger()
+    # At most one log line per destination (and reason) in this many seconds.
+    logInterval = 60.0
+    maxLogged = 4096
+
+    def __init__(self, stats, clock, allowedIps=None, agentToAgent=False, peerRoutes=()):
+        self.stats = stats
+        self.drops = stats.drops
+        self.clock = clock
+        self.allowedIps = dict(allowedIps or {})
+        self.agentToAgent = agentToAgent
+        # Every prefix of every --entg-connect, its peer up or not.
+        self.peerRoutes = tuple(peerRoutes)
+        self.legs = {"agent": {}, "peer": {}}
+        self._sole = {"agent": None, "peer": None}
+        self.owners = {}
+        # Configured prefixes: (version, network, mask, leg), longest first.
+        self.prefixes = []
+        # Bumped on every change of the tables; a leg's cached route is
+        # valid only for the generation it was computed in.
+        self.generation = 0
+        self._logged = {}
+        stats.router = self
+
+    # Legs coming and going.
+
+    def attach(self, leg):
+        side = leg.side
+        leg.prefixes = leg.routes or self.configuredPrefixes(leg.identities)
+        if side == "agent" and self.allowedIps and leg.identities and not leg.prefixes:
+            # With --allowed-ips, an authenticated agent is let in by name only.
+            self.log.error(
+                "{leg} {peer} ({identity}) refused: no --allowed-ips entry names it",
+                leg=side, peer=leg.peerName(), identity=leg.identityText(),
+            )
+            self._refuseAtConnect(leg, "identity_not_allowed")
+            return
+        clash = self._prefixClash(leg)
+        if clash is not None:
+            other, prefix = clash
+            self.log.error(
+                "{leg} {peer} ({identity}) refused: {prefix} belongs to {owner} ({ownerIdentity})",
+                leg=side, peer=leg.peerName(), identity=leg.identityText(), prefix=str(prefix),
+                owner=other.peerName(), ownerIdentity=other.identityText(),
+            )
+            self._refuseAtConnect(leg, "address_in_use")
+            return
+        legs, others = self.legs[side], self.legs[OTHER[side]]
+        legs[leg] = None
+        self._changed()
+        leg.gate = Gate(self, leg)
+        leg.transport.registerProducer(leg.gate, True)
+        for prefix in leg.prefixes:
+            mask = ((1 << prefix.prefixlen) - 1) << (prefix.max_prefixlen - prefix.prefixlen)
+            self.prefixes.append((prefix.version, int(prefix.network_address), mask, prefix.prefixlen, leg))
+        self.prefixes.sort(key=lambda p: -p[3])
+        self.log.info("{leg} connected from {peer}{identity}", leg=side, peer=leg.peerName(),
+                      identity=f" ({leg.identityText()})" if leg.identities else "")
+        if not others:
+            self.hold(leg, ALONE)
+            self.log.info("{leg} waits for the {other} side", leg=side, other=OTHER[side])
+            return
+        if len(legs) == 1:
+            for other in others:
+                self.release(other, ALONE)
+        self.log.info("relaying between agent and peer gateway")
+
+    def _refuseAtConnect(self, leg, reason):
+        self.drops.count(reason, leg=leg.side)
+        leg.refused = True
+        leg.pauseProducing()
+        leg.close()
+
+    def detach(self, leg, reason):
+        if not self.attached(leg):
+            return
+        self._remove(leg)
+        self.log.warn(
+            "{leg} {peer} disconnected: {reason}", leg=leg.side,
+            peer=leg.peerName(), reason=reason.getErrorMessage(),
+        )
+
+    def refuse(self, leg, owner, address):
+        """
+        Close C{leg}, which claims C{address} of the live C{owner}.
+        """
+        self.log.error(
+            "{leg} {peer}{identity} refused: it sends from {address}, which {owner}{ownerIdentity} owns",
+            leg=leg.side, peer=leg.peerName(), address=addressText(address),
+            owner=owner.peerName(), identity=leg.identitySuffix(),
+            ownerIdentity=owner.identitySuffix(),
+        )
+        self.drops.count("address_in_use", leg=leg.side)
+        self._remove(leg)
+        leg.refused = True
+        leg.transport.unregisterProducer()
+        leg.pauseProducing()
+        leg.close()
+
+    def _remove(self, leg):
+        side = leg.side
+        del self.legs[side][leg]
+        owners = self.owners
+        for address in leg.owned:
+            if owners.get(address) is leg:
+                del owners[address]
+        leg.owned.clear()
+        if leg.prefixes:
+            self.prefixes = [p for p in self.prefixes if p[4] is not leg]
+        leg.gate.resumeProducing()
+        for legs in self.legs.values():
+            for other in legs:
+                other.gate.forget(leg)
+        self._changed()
+        if not self.legs[side]:
+            for other in self.legs[OTHER[side]]:
+                self.hold(other, ALONE)
+
+    def attached(self, leg):
+        return leg in self.legs[leg.side]
+
+    def _changed(self):
+        for side, legs in self.legs.items():
+            sole = next(iter(legs)) if len(legs) == 1 else None
+            # A peer with routes takes only those, even alone.
+            self._sole[side] = sole if sole is None or not sole.routes else None
+        self.generation += 1
+
+    def closeAll(self):
+        """
+        Close every leg, none feeding another any more.
+        """
+        legs = [leg for side in self.legs.values() for leg in side]
+        for leg in legs:
+            leg.transport.unregisterProducer()
+        for leg in legs:
+            leg.close()
+
+    # Who owns what.
+
+    def configuredPrefixes(self, identities):
+        for name in identities:
+            if name in self.allowedIps:
+                return tuple(self.allowedIps[name])
+        return ()
+
+    def _prefixClash(self, leg):
+        """
+        A live leg of the same side owning part of C{leg}'s configured
+        prefixes, as C{(leg, prefix)}, or C{None}.
+        """
+        for prefix in leg.prefixes:
+            for other in self.legs[leg.side]:
+                if any(prefix.overlaps(p) for p in other.prefixes):
+                    return other, prefix
+                if any(ipaddress.ip_address(bytes(a)) in prefix for a in other.owned):
+                    return other, prefix
+        return None
+
+    def inPeerRoutes(self, address):
+        """
+        Whether C{address} lies behind a peer of C{--entg-connect}.
+        """
+        if not self.peerRoutes:
+            return False
+        address = ipaddress.ip_address(bytes(address))
+        return any(address in prefix for prefix in self.peerRoutes)
+
+    def prefixOwner(self, address):
+        if not self.prefixes:
+            return None
+        version = 4 if len(address) == 4 else 6
+        value = int.from_bytes(address, "big")
+        for v, network, mask, _, leg in self.prefixes:
+            if v == version and value & mask == network:
+                return leg
+        return None
+
+    def _claim(self, leg, address):
+        previous = self.owners.get(address)
+        if previous is not None:
+            previous.owned.discard(address)
+        self.owners[address] = leg
+        leg.owned.add(address)
+        self.generation += 1
+
+    def _checkAgentSource(self, agent, src):
+        """
+        C{None} if C{agent} may send from C{src} (claiming it if free), else
+        the drop reason.
+        """
+        owner = self.owners.get(src)
+        if owner is agent:
+            return None
+        if agent.prefixes:
+            if self.prefixOwner(src) is not agent:
+                return "source_not_owned"
+        else:
+            if owner is None:
+                owner = self.prefixOwner(src)
+            if owner is not None and owner.side == "agent":
+                self.refuse(agent, owner, src)
+                return "source_not_owned"
+        if len(agent.owned) < MAX_LEARNED["agent"]:
+            self._claim(agent, src)
+        elif not agent.prefixes:
+            return "source_not_owned"
+        return None
+
+    def _learnPeerSource(self, peer, src):
+        owner = self.owners.get(src)
+        if owner is peer or (owner is not None and owner.side == "agent") or peer.routes:
+            return
+        if len(peer.owned) >= MAX_LEARNED["peer"] or self.prefixOwner(src) is not None:
+            return
+        if self.inPeerRoutes(src):
+            return
+        self._claim(peer, src)
+
+    # The data path.
+
+    def route(self, source, src, dst):
+        """
+        C{(target, None)} or C{(None, drop reason)} for a frame from
+        C{source}; may claim C{src} for it, or refuse it.
+        """
+        side = source.side
+        if dst is None:
+            return self._default(side, "not_ip")
+        if side == "agent":
+            problem = self._checkAgentSource(source, src)
+            if problem is not None:
+                return None, problem
+        else:
+            self._learnPeerSource(source, src)
+        target = self.owners.get(dst)
+        if target is None:
+            target = self.prefixOwner(dst)
+        if target is None and self.inPeerRoutes(dst):
+            # Behind a peer that is away: never to another one.
+            return None, ("no_route" if side == "agent" else "peer_to_peer")
+        if target is None or target is source:
+            return self._default(side, "no_route")
+        if target.side == side:
+            if side == "agent":
+                return (target, None) if self.agentToAgent else (None, "agent_to_agent")
+            return None, "peer_to_peer"
+        return target, None
+
+    def announced(self, source, address):
+        """
+        Take an agent's announcement (L{ent.protocols.packets.announcement}) as its
+        claim of C{address}; return the drop reason if the claim fails.
+        """
+        if source.side == "agent":
+            return self._checkAgentSource(source, address)
+        self._learnPeerSource(source, address)
+        return None
+
+    def _default(self, side, reason):
+        """
+        The only leg of the other side, or why there is none.
+        """
+        target = self._sole[OTHER[side]]
+        if target is not None:
+            return target, None
+        if not self.legs[OTHER[side]]:
+            return None, "other_side_not_connected"
+        return None, reason
+
+    def forward(self, source, frames, count):
+        """
+        Send the whole frames in C{frames} (C{count} of them) where they go.
+        """
+        if source.refused:
+            # Read before its close took effect: it goes nowhere.
+            self.drops.count("source_not_owned", count, leg=source.side)
+            return
+        sole = self._sole
+        if sole["agent"] is not None and sole["peer"] is not None:
+            # One agent, one peer: everything from the peer is the agent's,
+            # whatever its addresses (as ENG relays), and everything from
+            # the agent is the peer's if it comes from addresses it owns.
+            if source.side == "peer" or self._ownedSources(source, frames):
+                self._send(source, sole[OTHER[source.side]], [frames], len(frames), count)
+                return
+        runs = []
+        unpack = HEADER.unpack_from
+        end = len(frames)
+        offset = 0
+        current = None
+        runStart = 0
+        runCount = 0
+        seen = 0
+        route = self.route
+        generation, cachedSrc, cachedDst, cachedTarget, cachedReason = source.routeCache
+        while offset < end:
+            (length,) = unpack(frames, offset)
+            start = offset + HEADER_SIZE
+            version = frames[start] >> 4
+            if version == 4 and length >= 20:
+                src, dst = frames[start + 12:start + 16], frames[start + 16:start + 20]
+            elif version == 6 and length >= 40:
+                src, dst = frames[start + 8:start + 24], frames[start + 24:start + 40]
+            else:
+                src = dst = None
+            if length == ANNOUNCE_SIZE and src == dst and isAnnouncement(frames, start, length):
+                target, reason = None, self.announced(source, src)
+            elif src == cachedSrc and dst == cachedDst and generation == self.generation:
+                target, reason = cachedTarget, cachedReason
+            else:
+                target, reason = route(source, src, dst)
+                generation, cachedSrc, cachedDst = self.generation, src, dst
+                cachedTarget, cachedReason = target, reason
+            seen += 1
+            if reason is not None:
+                self._dropped(source, reason, dst)
+                if source.refused:
+                    # Refused by this frame: nothing more of it is read.
+                    self.drops.count(reason, count - seen, leg=source.side)
+                    break
+            if target is not current:
+                if current is not None:
+                    runs.append((current, runStart, offset, runCount))
+                current, runStart, runCount = target, offset, 0
+            runCount += 1
+            offset = start + length
+        source.routeCache = (generation, cachedSrc, cachedDst, cachedTarget, cachedReason)
+        if current is not None:
+            runs.append((current, runStart, offset, runCount))
+        if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == end:
+            self._send(source, runs[0][0], [frames], end, count)
+            return
+        byTarget = {}
+        for target, first, last, n in runs:
+            if target is not None:
+                byTarget.setdefault(target, []).append((first, last, n))
+        for target, pieces in byTarget.items():
+            buffers = [frames[first:last] for first, last, _ in pieces]
+            self._send(source, target, buffers, sum(last - first for first, last, _ in pieces),
+                       sum(n for _, _, n in pieces))
+
+    @staticmethod
+    def _ownedSources(agent, frames):
+        """
+        Whether every frame of C{frames} is from an address C{agent} owns
+        (or is not IP), and none is an announcement.
+        """
+        owned = agent.owned
+        unpack = HEADER.unpack_from
+        end = len(frames)
+        offset = 0
+        last = None
+        while offset < end:
+            (length,) = unpack(frames, offset)
+            start = offset + HEADER_SIZE
+            offset = start + length
+            version = frames[start] >> 4
+            if version == 4 and length >= 20:
+                src = frames[start + 12:start + 16]
+            elif version == 6 and length >= 40:
+                src = frames[start + 8:start + 24]
+            else:
+                continue
+            if length == ANNOUNCE_SIZE or (src != last and src not in owned):
+                return False
+            last = src
+        return True
+
+    def _send(self, source, target, buffers, size, count):
+        if target is None:
+            return
+        if not source.refused:
+            target.gate.willSend(source)
+        stats = target.legStats
+        stats.packetsSent += count
+        stats.bytesSent += size
+        target.packetsSent += count
+        target.bytesSent += size
+        writeThrough(target.transport, buffers)
+
+    def _dropped(self, source, reason, dst):
+        """
+        Count a dropped frame; say why once a minute per destination.
+        """
+        self.drops.count(reason, leg=source.side)
+        if reason in ("source_not_owned", "not_ip", "other_side_not_connected"):
+            return  # counted and logged in aggregate; refusals are logged apart
+        now = self.clock.seconds()
+        key = (reason, dst)
+        last = self._logged.get(key)
+        if last is not None and now - last < self.logInterval:
+            return
+        if len(self._logged) >= self.maxLogged:
+            self._logged = {k: t for k, t in self._logged.items() if now - t < self.logInterval}
+            if len(self._logged) >= self.maxLogged:
+                return
+        self._logged[key] = now
+        self.log.warn(
+            "{leg} {peer}: dropping frames to {destination}: {description} "
+            "(logged at most once a minute per destination)",
+            leg=source.side, peer=source.peerName(), destination=addressText(dst),
+            reason=reason, description=DROP_REASONS[reason],
+        )
+
+    # Pausing.
+
+    def hold(self, leg, why):
+        """
+        Stop reading C{leg} until every reason to hold it is released.
+        """
+        if not leg.holds:
+            leg.pauseProducing()
+        leg.holds.add(why)
+
+    def release(self, leg, why):
+        holds = leg.holds
+        if why in holds:
+            holds.discard(why)
+            if not holds and self.attached(leg):
+                leg.resumeProducing()
+
+    # What status shows.
+
+    def report(self):
+        """
+        One dict per leg, for C{/legs} and C{python -m ent status}.
+        """
+        now = self.clock.seconds()
+        out = []
+        for side, legs in self.legs.items():
+            for leg in legs:
+                configured = [str(p) for p in leg.prefixes]
+                learned = sorted(addressText(a) for a in leg.owned)
+                out.append({
+                    "side": side, "peer": leg.peerName(), "identity": leg.identityShort(),
+                    "addresses": configured or learned[:8], "addressCount": len(configured or learned),
+                    "up": now - leg.since, "paused": bool(leg.holds),
+                    "packetsReceived": leg.packetsReceived, "bytesReceived": leg.bytesReceived,
+                    "packetsSent": leg.packetsSent, "bytesSent": leg.bytesSent,
+                })
+        return out
