@@ -2,8 +2,8 @@
 Backpressure between the two sides of a relay whose sides come and go.
 """
 
-from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 
 @implementer(IPushProducer)

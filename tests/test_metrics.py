@@ -4,8 +4,8 @@ drop reason reaches its label, the exposition parses, the page is served
 over real HTTP. The real tunnel is scraped in test_observability.
 """
 
-import ipaddress
 import io
+import ipaddress
 import json
 import socket
 import sys
@@ -22,14 +22,14 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from ent.observability import status
-from ent.services.agent import AgentService, GatewayLink
-from ent.protocols.framing import HEADER, frame
-from ent.protocols.router import Router
 from ent.observability.logs import JsonLinesObserver, eventAsRecord, observerFor
 from ent.observability.metrics import histogramOf, metricsSite, registryFor
-from ent.protocols.relay import RelayLeg
-from ent.services.socketrelay import SocketRelayFactory
 from ent.observability.stats import DROP_REASONS, ServiceStats
+from ent.protocols.framing import HEADER, frame
+from ent.protocols.relay import RelayLeg
+from ent.protocols.router import Router
+from ent.services.agent import AgentService, GatewayLink
+from ent.services.socketrelay import SocketRelayFactory
 from tests.test_agent import FakeTun, agentOptions
 from tests.test_packets import ipv4, ipv6
 from tests.test_socketrelay import FakeEndpoint, HalfCloseTransport
@@ -64,9 +64,15 @@ class DropReasonTests(unittest.TestCase):
     exposition under its own leg and reason.
     """
 
-    scenarios = ("framingErrorsOnTheGateway", "otherSideNotConnected", "routingOnTheGateway",
-                 "unlistedIdentityOnTheGateway", "badPacketsOnTheAgent",
-                 "tunSideDropsOnTheAgent", "connectionLimitOnTheRelay")
+    scenarios = (
+        "framingErrorsOnTheGateway",
+        "otherSideNotConnected",
+        "routingOnTheGateway",
+        "unlistedIdentityOnTheGateway",
+        "badPacketsOnTheAgent",
+        "tunSideDropsOnTheAgent",
+        "connectionLimitOnTheRelay",
+    )
 
     def gateway(self):
         clock = Clock()
@@ -123,8 +129,10 @@ class DropReasonTests(unittest.TestCase):
         cut.dataReceived(HEADER.pack(100) + b"x")
         cut.connectionLost(Failure(ConnectionDone()))
         return stats, {
-            ("agent", "zero_length_frame"): 1, ("agent", "oversize_frame"): 1,
-            ("peer", "stalled_partial_frame"): 1, ("agent", "partial_frame_cut_off"): 1,
+            ("agent", "zero_length_frame"): 1,
+            ("agent", "oversize_frame"): 1,
+            ("peer", "stalled_partial_frame"): 1,
+            ("agent", "partial_frame_cut_off"): 1,
         }
 
     def otherSideNotConnected(self):
@@ -144,8 +152,11 @@ class DropReasonTests(unittest.TestCase):
         p2.dataReceived(frame(packet("10.9.0.2", "10.9.0.1")))  # to peer p1
         b.dataReceived(frame(packet("10.0.0.1", "10.9.0.1")))  # a's address: b is refused
         return stats, {
-            ("agent", "no_route"): 1, ("agent", "agent_to_agent"): 1, ("peer", "no_route"): 1,
-            ("peer", "peer_to_peer"): 1, ("agent", "source_not_owned"): 1,
+            ("agent", "no_route"): 1,
+            ("agent", "agent_to_agent"): 1,
+            ("peer", "no_route"): 1,
+            ("peer", "peer_to_peer"): 1,
+            ("agent", "source_not_owned"): 1,
             ("agent", "address_in_use"): 1,
         }
 
@@ -162,14 +173,23 @@ class DropReasonTests(unittest.TestCase):
         agent = self.agent()
         link = GatewayLink(agent)
         link.makeConnection(StringTransport())
-        bad = [b"\x20" * 30, b"\x45\x00\x00", b"\x44" + ipv4(b"x" * 10)[1:], ipv4(b"x" * 10) + b"!",
-               ipv6()[:30], ipv6(b"abc")[:-1]]
+        bad = [
+            b"\x20" * 30,
+            b"\x45\x00\x00",
+            b"\x44" + ipv4(b"x" * 10)[1:],
+            ipv4(b"x" * 10) + b"!",
+            ipv6()[:30],
+            ipv6(b"abc")[:-1],
+        ]
         link.dataReceived(b"".join(frame(p) for p in bad))
         self.assertEqual(agent.tun.written, [])
         return agent.stats, {
-            ("gateway", "not_ip"): 1, ("gateway", "truncated_ipv4_header"): 1,
-            ("gateway", "bad_ipv4_header_length"): 1, ("gateway", "ipv4_length_mismatch"): 1,
-            ("gateway", "truncated_ipv6_header"): 1, ("gateway", "ipv6_length_mismatch"): 1,
+            ("gateway", "not_ip"): 1,
+            ("gateway", "truncated_ipv4_header"): 1,
+            ("gateway", "bad_ipv4_header_length"): 1,
+            ("gateway", "ipv4_length_mismatch"): 1,
+            ("gateway", "truncated_ipv6_header"): 1,
+            ("gateway", "ipv6_length_mismatch"): 1,
         }
 
     def tunSideDropsOnTheAgent(self):
@@ -179,9 +199,7 @@ class DropReasonTests(unittest.TestCase):
         agent.packetsFromLink([ipv4(b"b")] * 2)
         agent.tun = None
         agent.packetsFromLink([ipv4(b"c")])
-        return agent.stats, {
-            ("tun", "no_gateway"): 3, ("gateway", "tun_write_failed"): 2, ("gateway", "tun_closed"): 1,
-        }
+        return agent.stats, {("tun", "no_gateway"): 3, ("gateway", "tun_write_failed"): 2, ("gateway", "tun_closed"): 1}
 
     def connectionLimitOnTheRelay(self):
         stats = ServiceStats("ent-relay", Clock())
@@ -296,13 +314,17 @@ class MetricsHttpTests(unittest.TestCase):
         self.assertEqual(found.value("ent_gateway_legs", side="peer"), 1)
         self.assertEqual(found.value("ent_gateway_addresses", side="agent"), 1)
         listed = json.loads(await deferToThread(status.fetch, status.legsUrl(url), 5))
-        self.assertEqual([(leg["side"], leg["identity"]) for leg in listed],
-                         [("agent", "client"), ("agent", "-"), ("peer", "-")])
+        self.assertEqual(
+            [(leg["side"], leg["identity"]) for leg in listed], [("agent", "client"), ("agent", "-"), ("peer", "-")]
+        )
         lines, code = status.summary(found, url, legs=listed)
         text = "\n".join(lines)
         self.assertIn("2 agents, 1 peer", text)
-        self.assertRegex(text, r"agent +\S+ +client +192\.168\.0\.1 +up 0:00:00; in 1 packet \(25 B\), "
-                               r"out 0 packets")
+        self.assertRegex(
+            text,
+            r"agent +\S+ +client +192\.168\.0\.1 +up 0:00:00; in 1 packet \(25 B\), "
+            r"out 0 packets",
+        )
         self.assertRegex(text, r"peer .*in 0 packets \(0 B\), out 1 packet \(25 B\)")
         many = status.legLines([dict(listed[0], peer=f"10.1.0.{i}:1") for i in range(60)])
         self.assertEqual(len(many), 1 + status.MAX_LEGS_SHOWN + 1)
@@ -359,8 +381,13 @@ class JsonLogTests(unittest.TestCase):
     def test_structuredFieldsAndFailures(self):
         out = io.StringIO()
         log = Logger(namespace="ent.test", observer=JsonLinesObserver(out))
-        log.warn("lost {leg} {peer}: {reason}", leg="gateway", peer="10.1.0.2:6980",
-                 reason="Connection refused", where=object())
+        log.warn(
+            "lost {leg} {peer}: {reason}",
+            leg="gateway",
+            peer="10.1.0.2:6980",
+            reason="Connection refused",
+            where=object(),
+        )
         try:
             1 / 0
         except ZeroDivisionError:
@@ -369,8 +396,9 @@ class JsonLogTests(unittest.TestCase):
         self.assertEqual(first["level"], "warn")
         self.assertEqual(first["namespace"], "ent.test")
         self.assertEqual(first["message"], "lost gateway 10.1.0.2:6980: Connection refused")
-        self.assertEqual((first["leg"], first["peer"], first["reason"]),
-                         ("gateway", "10.1.0.2:6980", "Connection refused"))
+        self.assertEqual(
+            (first["leg"], first["peer"], first["reason"]), ("gateway", "10.1.0.2:6980", "Connection refused")
+        )
         self.assertTrue(first["where"].startswith("<object object"))
         self.assertRegex(first["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
         self.assertEqual(second["level"], "critical")
@@ -379,8 +407,16 @@ class JsonLogTests(unittest.TestCase):
         self.assertIn("division by zero", second["error"])
 
     def test_levelsOfLegacyEvents(self):
-        record = eventAsRecord({"message": ("legacy",), "isError": 0, "system": "-", "log_time": 0,
-                                "log_format": "legacy", "log_level": LogLevel.info})
+        record = eventAsRecord(
+            {
+                "message": ("legacy",),
+                "isError": 0,
+                "system": "-",
+                "log_time": 0,
+                "log_format": "legacy",
+                "log_level": LogLevel.info,
+            }
+        )
         self.assertEqual((record["level"], record["message"]), ("info", "legacy"))
 
     def test_observerGoesWhereTwistdWouldWrite(self):
@@ -410,10 +446,13 @@ class CommandTests(unittest.TestCase):
 
 class ContainmentStatusTests(unittest.TestCase):
     def test_containmentDropsShown(self):
-        scrape = status.Scrape(EXAMPLE + (
-            "# TYPE ent_tunnel_dropped_total counter\n"
-            'ent_tunnel_dropped_total{hook="input"} 12.0\n'
-            'ent_tunnel_dropped_total{hook="forward"} 3.0\n'
-        ))
+        scrape = status.Scrape(
+            EXAMPLE
+            + (
+                "# TYPE ent_tunnel_dropped_total counter\n"
+                'ent_tunnel_dropped_total{hook="input"} 12.0\n'
+                'ent_tunnel_dropped_total{hook="forward"} 3.0\n'
+            )
+        )
         text = "\n".join(status.summary(scrape, "http://x/metrics", now=2000)[0])
         self.assertIn("containment       15 packets from the tunnel dropped (12 input, 3 forward)", text)

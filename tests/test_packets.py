@@ -4,14 +4,15 @@ Bad input from the tunnel: malformed packets and a fuzzed frame decoder.
 
 import struct
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from ent.errors import FramingError
+from ent.observability.stats import DropReporter
 from ent.protocols.framing import MAX_PACKET, FrameDecoder, frameSequence
 from ent.protocols.packets import packetProblem, wellFormed
-from ent.observability.stats import DropReporter
 
 
 def ipv4(payload=b"", ihl=5):

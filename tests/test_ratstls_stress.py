@@ -14,16 +14,15 @@ import os
 import random
 import time
 
-from zope.interface import implementer
-
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from ent import ratstls
-from ent.ratstls import RatsTlsSession
 from ent.legs.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
+from ent.ratstls import RatsTlsSession
 from tests.ratstlsmock import REAL_LIBRARY, library_under_test
 
 ROUNDS = int(os.environ.get("ENT_TEST_RATS_TLS_STRESS_ROUNDS", "10"))
@@ -119,14 +118,10 @@ class StressTests(unittest.TestCase):
 
             factory = protocol.Factory()
             factory.buildProtocol = build
-            port = yield RatsTlsServerEndpoint(
-                reactor, 0, self.settings(), interface="127.0.0.1"
-            ).listen(factory)
+            port = yield RatsTlsServerEndpoint(reactor, 0, self.settings(), interface="127.0.0.1").listen(factory)
             try:
                 client = Stream(size, f"up {round}", size)
-                endpoint = RatsTlsClientEndpoint(
-                    reactor, "127.0.0.1", port.getHost().port, self.settings()
-                )
+                endpoint = RatsTlsClientEndpoint(reactor, "127.0.0.1", port.getHost().port, self.settings())
                 started = time.monotonic()
                 yield endpoint.connect(protocol.Factory.forProtocol(lambda: client))
                 while not servers:
@@ -146,14 +141,20 @@ class StressTests(unittest.TestCase):
             self.log.info(
                 "rats-tls stress round {round}: {mb} MB each way in {seconds:.2f} s,"
                 " {rate:.0f} MB/s both ways together ({library})",
-                round=round + 1, mb=MEGABYTES, seconds=elapsed, rate=rates[-1],
+                round=round + 1,
+                mb=MEGABYTES,
+                seconds=elapsed,
+                rate=rates[-1],
                 library=REAL_LIBRARY or "mock",
             )
         self.assertEqual(
-            RatsTlsSession.concurrent_entries - refusedBefore, 0,
+            RatsTlsSession.concurrent_entries - refusedBefore,
+            0,
             "a call entered a session while another thread was inside it",
         )
         self.log.info(
             "rats-tls stress: {rounds} rounds, mean {rate:.0f} MB/s both ways together ({library})",
-            rounds=ROUNDS, rate=sum(rates) / len(rates), library=REAL_LIBRARY or "mock",
+            rounds=ROUNDS,
+            rate=sum(rates) / len(rates),
+            library=REAL_LIBRARY or "mock",
         )

@@ -3,17 +3,16 @@ The gateway's relay hub, on fake transports: which side gets what, and
 how the sides pause each other.
 """
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.internet.error import ConnectionDone
 from twisted.trial import unittest
 
-from ent.protocols.framing import frame, frameSequence
-from ent.protocols.router import Router
-from ent.protocols.relay import RelayLeg
-from ent.protocols.router import ALONE
 from ent.observability.stats import ServiceStats
+from ent.protocols.framing import frame, frameSequence
+from ent.protocols.relay import RelayLeg
+from ent.protocols.router import ALONE, Router
 
 
 def connect(hub, side):
@@ -214,7 +213,7 @@ class RelayHubTests(unittest.TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_legIsThePushProducerOfItsReading(self):
-        from zope.interface.verify import verifyObject
         from twisted.internet.interfaces import IPushProducer
+        from zope.interface.verify import verifyObject
 
         self.assertTrue(verifyObject(IPushProducer, connect(self.hub, "agent")))

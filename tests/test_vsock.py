@@ -27,17 +27,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
-from ent.legs.endpoints import clientEndpoint, serverEndpoint
 from ent.errors import ConfigurationError, VsockConnectError
+from ent.legs.endpoints import clientEndpoint, serverEndpoint
+from ent.legs.vsock import CID_ANY, PORT_ANY, VsockAddress, VsockClientEndpoint, VsockServerEndpoint, localCid
 from ent.services.options import EntgOptions
-from ent.legs.vsock import (
-    CID_ANY,
-    PORT_ANY,
-    VsockAddress,
-    VsockClientEndpoint,
-    VsockServerEndpoint,
-    localCid,
-)
 
 
 class ParserTests(unittest.TestCase):

@@ -8,11 +8,8 @@ endpoint string (C{tcp:...}, C{tls:...}, C{unix:...}, plugins of ours).
 import ipaddress
 import re
 
-from zope.interface import implementer
-
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ServerEndpoint,
@@ -21,9 +18,10 @@ from twisted.internet.endpoints import (
     clientFromString,
     serverFromString,
 )
-
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ent.cli import parsePort
 from ent.errors import ConfigurationError
@@ -58,7 +56,8 @@ class DescribedEndpoint:
             self.log.warn(
                 "cannot connect to {endpoint}: {reason}",
                 leg=self.legStats.name if self.legStats is not None else None,
-                endpoint=self.description, reason=failureText(reason),
+                endpoint=self.description,
+                reason=failureText(reason),
             )
             return reason
 

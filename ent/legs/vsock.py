@@ -15,8 +15,6 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from zope.interface import implementer
-
 from twisted.internet import base, defer, error, tcp
 from twisted.internet.endpoints import _WrappingFactory
 from twisted.internet.interfaces import (
@@ -27,6 +25,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpointStringParser,
 )
 from twisted.plugin import IPlugin
+from zope.interface import implementer
 
 from ent.cli import parseNumber
 from ent.errors import ConfigurationError, VsockAddressError, VsockConnectError
@@ -134,7 +133,7 @@ class VsockPort(tcp.Port):
             tcp.Port.startListening(self)
         except error.CannotListenError as e:
             raise error.CannotListenError(
-                f"vsock:{_anyOr(self.interface, CID_ANY)}", _anyOr(self.port, PORT_ANY), e.socketError,
+                f"vsock:{_anyOr(self.interface, CID_ANY)}", _anyOr(self.port, PORT_ANY), e.socketError
             ) from None
 
     def _buildAddr(self, address):
@@ -278,7 +277,9 @@ class VsockClientParser:
     def parseStreamClient(self, reactor, *args, **kwargs):
         fields = _fields("client", "vsock:CID:PORT", ("cid", "port"), ("timeout",), args, kwargs)
         return VsockClientEndpoint(
-            reactor, parseCid(fields["cid"]), parsePort(fields["port"]),
+            reactor,
+            parseCid(fields["cid"]),
+            parsePort(fields["port"]),
             _positive(fields.get("timeout", DEFAULT_TIMEOUT), "timeout"),
         )
 
@@ -295,6 +296,5 @@ class VsockServerParser:
         fields = _fields("server", "vsock:PORT[:cid=CID]", ("port",), ("cid", "backlog"), args, kwargs)
         cid = parseCid(fields["cid"]) if "cid" in fields else CID_ANY
         return VsockServerEndpoint(
-            reactor, parsePort(fields["port"], listen=True), cid,
-            _positive(fields.get("backlog", 50), "backlog"),
+            reactor, parsePort(fields["port"], listen=True), cid, _positive(fields.get("backlog", 50), "backlog")
         )

@@ -8,12 +8,11 @@ Each line has C{time} (ISO 8601, UTC), C{level}, C{namespace}, C{message}
 
 import json
 import sys
-from datetime import datetime, timezone
-
-from zope.interface import implementer
+from datetime import UTC, datetime
 
 from twisted.logger import ILogObserver, formatEvent
 from twisted.python.logfile import LogFile
+from zope.interface import implementer
 
 # Keys of twisted's own bookkeeping, and of legacy events, that are not
 # fields of the event.
@@ -34,8 +33,7 @@ def eventAsRecord(event):
     """
     level = event.get("log_level")
     record = {
-        "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc)
-        .isoformat(timespec="milliseconds"),
+        "time": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(timespec="milliseconds"),
         "level": level.name if level is not None else ("error" if event.get("isError") else "info"),
         "namespace": event.get("log_namespace") or event.get("system") or "-",
         "message": formatEvent(event),

@@ -11,16 +11,17 @@ from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from ent.hostconfig import steps as hostconfig, netfilter
 from ent import tun
-from ent.hostconfig.guard import TableGuard
 from ent.errors import EntError
 from ent.flow import Valve
+from ent.hostconfig import netfilter
+from ent.hostconfig import steps as hostconfig
+from ent.hostconfig.guard import TableGuard
+from ent.observability.stats import ServiceStats
+from ent.protocols.framed import FramedLeg
 from ent.protocols.framing import HEADER_SIZE, frame, frameSequence
 from ent.protocols.packets import announcement, wellFormed
-from ent.protocols.framed import FramedLeg
 from ent.protocols.writethrough import writeThrough
-from ent.observability.stats import ServiceStats
 
 
 class GatewayLink(FramedLeg):
@@ -103,24 +104,25 @@ class AgentService(MultiService):
         mappings = o.get("mappings", ())
         captureFrom = tuple(o.get("capture-from", ()))
         fd = tun.openTun(name)
-        self.tun = tun.TunTransport(
-            fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor
-        )
+        self.tun = tun.TunTransport(fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor)
         self.stats.tun = self.tun.stats
         self._undo.append(self._closeTun)
         ports = list(dict.fromkeys(m.port for m in mappings))
         captures = _captures(mappings, captureFrom)
         gatewayPort = o.get("gateway-port")
-        policy = hostconfig.run("policy-plan", name=name, ports=ports, table=o["route-table"],
-                                gatewayPort=gatewayPort) or {}
-        hostconfig.run("tun", name=name, address=str(interface.ip),
-                       prefixlen=interface.network.prefixlen, mtu=o["mtu"])
+        policy = (
+            hostconfig.run("policy-plan", name=name, ports=ports, table=o["route-table"], gatewayPort=gatewayPort) or {}
+        )
+        hostconfig.run("tun", name=name, address=str(interface.ip), prefixlen=interface.network.prefixlen, mtu=o["mtu"])
         if o["role"] == "bare":
             # ENG's plain agent: the host's own routes decide what enters.
             self.log.info(
                 "TUN {tun} up as {address}, mtu {mtu}; bare endpoint: no rules, "
                 "it carries whatever is routed into {tun}",
-                tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
+                tun=name,
+                address=str(interface),
+                mtu=o["mtu"],
+                role=o["role"],
             )
             return
         record = netfilter.AgentRecord(policy.get("table"), policy.get("priority"), gatewayPort)
@@ -130,15 +132,17 @@ class AgentService(MultiService):
         self.guard = TableGuard(name, self.stats, self.reactor, failClosed=bool(mappings))
         if policy:
             self._undo.append(lambda: hostconfig.run("policy-down", name=name, table=policy["table"]))
-            hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, captures=captures,
-                           **policy)
+            hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, captures=captures, **policy)
         services = [_describe(item) for item in (*mappings, *o.get("exposures", ()))]
         self.log.info(
-            "TUN {tun} up as {address}, mtu {mtu}; {carries} {services}{route}; "
-            "from the tunnel only {accepted}",
-            tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
+            "TUN {tun} up as {address}, mtu {mtu}; {carries} {services}{route}; from the tunnel only {accepted}",
+            tun=name,
+            address=str(interface),
+            mtu=o["mtu"],
+            role=o["role"],
             carries="maps" if mappings else "exposes",
-            services=", ".join(services), peer=str(o["peer-addr"]),
+            services=", ".join(services),
+            peer=str(o["peer-addr"]),
             accepted="exposed services, ping and replies" if o["role"] == "replay" else "ping and replies",
             route=" (route table {table}, rule priority {priority})".format(**policy) if policy else "",
         )
@@ -190,7 +194,8 @@ class AgentService(MultiService):
             self.unconfigureHost()
             self.log.info(
                 "agent stopped: {packetsOut} packets sent, {packetsIn} received",
-                packetsOut=self.linkStats.packetsSent, packetsIn=self.linkStats.packetsReceived,
+                packetsOut=self.linkStats.packetsSent,
+                packetsIn=self.linkStats.packetsReceived,
             )
             return result
 
@@ -227,7 +232,9 @@ class AgentService(MultiService):
             self.tun.pauseProducing()
         self.log.warn(
             "lost gateway {peer}: {reason}{next}",
-            leg=link.leg, peer=link.peerName(), reason=reason.getErrorMessage(),
+            leg=link.leg,
+            peer=link.peerName(),
+            reason=reason.getErrorMessage(),
             next="; reconnecting" if self.running else "",
         )
 
@@ -260,7 +267,9 @@ class AgentService(MultiService):
             self._writeErrors.add(error.errno)
             self.log.error(
                 "TUN {tun} refused a packet: {reason} (further ones are counted)",
-                tun=self.options["tun-name"], leg="tun", reason=error.strerror,
+                tun=self.options["tun-name"],
+                leg="tun",
+                reason=error.strerror,
             )
 
 

@@ -110,8 +110,7 @@ class Topology:
             _run("ip", "-n", name, "link", "set", "lo", "up")
         for index, (a, addressA, b, addressB) in enumerate(self.links):
             devA, devB = f"v{index}{a}", f"v{index}{b}"
-            _run("ip", "-n", self.ns(a), "link", "add", devA, "type", "veth",
-                 "peer", "name", devB, "netns", self.ns(b))
+            _run("ip", "-n", self.ns(a), "link", "add", devA, "type", "veth", "peer", "name", devB, "netns", self.ns(b))
             for host, dev, address in ((a, devA, addressA), (b, devB, addressB)):
                 _run("ip", "-n", self.ns(host), "addr", "add", f"{address}/24", "dev", dev)
                 _run("ip", "-n", self.ns(host), "link", "set", dev, "up")
@@ -133,8 +132,7 @@ class Topology:
         name = name or f"{host}-{argv[0].rsplit('/', 1)[-1]}"
         log = open(os.path.join(self.logdir, f"{name}.log"), "ab") if self.logdir else subprocess.DEVNULL
         process = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(host), *argv],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            ["ip", "netns", "exec", self.ns(host), *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         if log is not subprocess.DEVNULL:
             log.close()
@@ -143,10 +141,7 @@ class Topology:
         return process
 
     def twistd(self, host, plugin, *args, name=None):
-        return self.start(
-            host, *twistdCommand(), "-n", "--pidfile=", plugin, *args,
-            name=name or f"{host}-{plugin}",
-        )
+        return self.start(host, *twistdCommand(), "-n", "--pidfile=", plugin, *args, name=name or f"{host}-{plugin}")
 
     def stop(self, process, sig=signal.SIGTERM, timeout=10.0):
         """
@@ -237,8 +232,9 @@ class Tunnel:
 
     def startAll(self):
         t = self.topology
-        self.echo = t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7",
-                             name="echo")
+        self.echo = t.start(
+            "server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7", name="echo"
+        )
         self.startService("gw2")
         self.startService("gw1")
         self.startService("server")
@@ -254,14 +250,11 @@ class Tunnel:
         if host == "gw2":
             args = ["entg", "--entg-listen", "6979", "--enta-listen", "6980", *self.gatewayArgs]
         elif host == "gw1":
-            args = ["entg", "--entg-connect", f"{ADDRESS['gw2']}:6979", "--enta-listen", "6980",
-                    *self.gatewayArgs]
+            args = ["entg", "--entg-connect", f"{ADDRESS['gw2']}:6979", "--enta-listen", "6980", *self.gatewayArgs]
         elif host == "server":
-            args = ["enta", *self.roleArgs["server"], "--entg-connect", f"{ADDRESS['gw2.agent']}:6980",
-                    *self.agentArgs]
+            args = ["enta", *self.roleArgs["server"], "--entg-connect", f"{ADDRESS['gw2.agent']}:6980", *self.agentArgs]
         else:
-            args = ["enta", *self.roleArgs["client"], "--entg-connect", f"{ADDRESS['gw1.agent']}:6980",
-                    *self.agentArgs]
+            args = ["enta", *self.roleArgs["client"], "--entg-connect", f"{ADDRESS['gw1.agent']}:6980", *self.agentArgs]
         process = t.twistd(host, *args, *self.hostArgs.get(host, ()))
         self.services[host] = process
         return process
@@ -270,13 +263,24 @@ class Tunnel:
         return self.topology.exec("client", "ping", "-c", "1", "-W", "1", "192.168.0.254").returncode == 0
 
     def echoCommand(self, size, timeout=60, connections=1):
-        return [sys.executable, ECHOSVR, "client", "--host", ADDRESS["server"], "--port", "7",
-                "--bytes", str(size), "--timeout", str(timeout), "--connections", str(connections)]
+        return [
+            sys.executable,
+            ECHOSVR,
+            "client",
+            "--host",
+            ADDRESS["server"],
+            "--port",
+            "7",
+            "--bytes",
+            str(size),
+            "--timeout",
+            str(timeout),
+            "--connections",
+            str(connections),
+        ]
 
     def echoClient(self, size, timeout=60, connections=1):
-        return self.topology.exec(
-            "client", *self.echoCommand(size, timeout, connections), timeout=timeout + 30,
-        )
+        return self.topology.exec("client", *self.echoCommand(size, timeout, connections), timeout=timeout + 30)
 
     def stopServices(self):
         """
