@@ -39,8 +39,16 @@ WAITS = {"epoll_wait", "epoll_pwait"}
 # round trip's path: the next request does not wait for it.
 ACK_SIZES = {52, 56}
 # Path order of the crossings of one round trip.
-ORDER = [("client enta", "→"), ("gw1 entg", "→"), ("gw2 entg", "→"), ("server enta", "→"),
-         ("server enta", "←"), ("gw2 entg", "←"), ("gw1 entg", "←"), ("client enta", "←")]
+ORDER = [
+    ("client enta", "→"),
+    ("gw1 entg", "→"),
+    ("gw2 entg", "→"),
+    ("server enta", "→"),
+    ("server enta", "←"),
+    ("gw2 entg", "←"),
+    ("gw1 entg", "←"),
+    ("client enta", "←"),
+]
 
 
 def userSystem(pid):
@@ -96,8 +104,7 @@ def crossings(events):
                     last = s
                 j += 1
             if read is not None and write is not None:
-                out.append({"wake": wake, "read": read, "write": write, "last": last,
-                            "waits": waits, "ctls": ctls})
+                out.append({"wake": wake, "read": read, "write": write, "last": last, "waits": waits, "ctls": ctls})
                 i = j
                 continue
         i += 1
@@ -109,8 +116,7 @@ def analyse(traces):
     traces: {label: [crossing]}; returns per-crossing rows of the median
     wake->read, read->write, and hop (previous write -> this wake) in µs.
     """
-    allCrossings = sorted(((c["wake"], label, c) for label, cs in traces.items() for c in cs),
-                          key=lambda x: x[0])
+    allCrossings = sorted(((c["wake"], label, c) for label, cs in traces.items() for c in cs), key=lambda x: x[0])
     # Split into round trips: a gap over 20 ms starts a new one.
     trips, current, last = [], [], None
     for wake, label, c in allCrossings:
@@ -128,11 +134,16 @@ def analyse(traces):
         rw = [(t[index][1]["write"] - t[index][1]["read"]) * 1e6 for t in complete]
         waits = [t[index][1]["waits"] for t in complete]
         hop = [(t[index][1]["wake"] - t[index - 1][1]["last"]) * 1e6 for t in complete] if index else []
-        rows.append({"process": label, "direction": direction,
-                     "wake_read": statistics.median(wr) if wr else None,
-                     "read_write": statistics.median(rw) if rw else None,
-                     "waits": statistics.median(waits) if waits else None,
-                     "hop_before": statistics.median(hop) if hop else None})
+        rows.append(
+            {
+                "process": label,
+                "direction": direction,
+                "wake_read": statistics.median(wr) if wr else None,
+                "read_write": statistics.median(rw) if rw else None,
+                "waits": statistics.median(waits) if waits else None,
+                "hop_before": statistics.median(hop) if hop else None,
+            }
+        )
     edges = [((t[-1][1]["write"] - t[0][1]["wake"]) * 1e6) for t in complete]
     return rows, len(trips), len(complete), statistics.median(edges) if edges else None
 
@@ -147,9 +158,14 @@ def table(rows, trips, complete, span):
     ]
     for i, r in enumerate(rows, 1):
         fmt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
-        lines.append(f"| {i} | {r['process']} | {r['direction']} | {fmt(r['hop_before'])} | "
-                     f"{fmt(r['wake_read'])} | {fmt(r['read_write'])} | {fmt(r['waits'])} |")
-    lines += ["", f"Client agent's first wake-up to its write of the answer to its TUN, median: {span:.0f} µs." if span else ""]
+        lines.append(
+            f"| {i} | {r['process']} | {r['direction']} | {fmt(r['hop_before'])} | "
+            f"{fmt(r['wake_read'])} | {fmt(r['read_write'])} | {fmt(r['waits'])} |"
+        )
+    lines += [
+        "",
+        f"Client agent's first wake-up to its write of the answer to its TUN, median: {span:.0f} µs." if span else "",
+    ]
     return "\n".join(lines)
 
 
@@ -160,8 +176,11 @@ def main(argv=None):
     parser.add_argument("--analyse", metavar="DIR", help="only analyse the strace files kept in DIR")
     args = parser.parse_args(argv)
     if args.analyse:
-        traces = {name[:-len(".strace")].replace("-", " "): crossings(parse(os.path.join(args.analyse, name)))
-                  for name in os.listdir(args.analyse) if name.endswith(".strace")}
+        traces = {
+            name[: -len(".strace")].replace("-", " "): crossings(parse(os.path.join(args.analyse, name)))
+            for name in os.listdir(args.analyse)
+            if name.endswith(".strace")
+        }
         print(table(*analyse(traces)))
         return 0
     if shutil.which("strace") is None:
@@ -179,8 +198,19 @@ def main(argv=None):
             # Untraced first: CPU time of each process per round trip of a
             # fast ping-pong (two crossings of each process).
             before = {pid: userSystem(pid) for pid in processes}
-            fast = t.exec("client", sys.executable, PINGPONG, "client", target, str(LATENCY_PORT),
-                          "-n", "3000", "--warmup", "0", timeout=120)
+            fast = t.exec(
+                "client",
+                sys.executable,
+                PINGPONG,
+                "client",
+                target,
+                str(LATENCY_PORT),
+                "-n",
+                "3000",
+                "--warmup",
+                "0",
+                timeout=120,
+            )
             cpu = {}
             for pid, label in processes.items():
                 after = userSystem(pid)
@@ -188,12 +218,32 @@ def main(argv=None):
             tracers = []
             for pid, label in processes.items():
                 out = os.path.join(workdir, label.replace(" ", "-") + ".strace")
-                tracers.append((label, out, subprocess.Popen(
-                    ["strace", "-f", "-ttt", "-T", "-e", f"trace={SYSCALLS}", "-o", out, "-p", str(pid)],
-                    stderr=subprocess.DEVNULL)))
+                tracers.append(
+                    (
+                        label,
+                        out,
+                        subprocess.Popen(
+                            ["strace", "-f", "-ttt", "-T", "-e", f"trace={SYSCALLS}", "-o", out, "-p", str(pid)],
+                            stderr=subprocess.DEVNULL,
+                        ),
+                    )
+                )
             time.sleep(1.5)
-            result = t.exec("client", sys.executable, PINGPONG, "client", target, str(LATENCY_PORT),
-                            "-n", str(args.n), "--warmup", "5", "--interval", "0.05", timeout=120)
+            result = t.exec(
+                "client",
+                sys.executable,
+                PINGPONG,
+                "client",
+                target,
+                str(LATENCY_PORT),
+                "-n",
+                str(args.n),
+                "--warmup",
+                "5",
+                "--interval",
+                "0.05",
+                timeout=120,
+            )
             for _, _, p in tracers:
                 p.send_signal(signal.SIGINT)
             for _, _, p in tracers:
@@ -201,8 +251,10 @@ def main(argv=None):
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
     print("ping-pong untraced:", fast.stdout.strip())
-    print("CPU µs per round trip, user + system (untraced): "
-          + ", ".join(f"{label} {u:.0f} + {s:.0f}" for label, (u, s) in sorted(cpu.items())))
+    print(
+        "CPU µs per round trip, user + system (untraced): "
+        + ", ".join(f"{label} {u:.0f} + {s:.0f}" for label, (u, s) in sorted(cpu.items()))
+    )
     print("ping-pong under strace:", result.stdout.strip())
     traces = {label: crossings(parse(out)) for label, out, _ in tracers}
     rows, trips, complete, span = analyse(traces)

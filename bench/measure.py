@@ -62,8 +62,13 @@ def ping(t, target):
     times = [float(x) for x in re.findall(r"time=([\d.]+) ms", result.stdout)]
     if not summary or not times:
         raise MeasureError(f"ping {target}: {(result.stdout + result.stderr).strip()[-300:]}")
-    return {"avg": float(summary[2]), "min": float(summary[1]), "max": float(summary[3]),
-            "median": statistics.median(times), "received": len(times)}
+    return {
+        "avg": float(summary[2]),
+        "min": float(summary[1]),
+        "max": float(summary[3]),
+        "median": statistics.median(times),
+        "received": len(times),
+    }
 
 
 def pingpong(t, target, count=2000, warmup=200):
@@ -72,8 +77,19 @@ def pingpong(t, target, count=2000, warmup=200):
     the server host's LATENCY_PORT: round trips/s, p50 and p99 in µs.
     """
     waitListening(t, "server", LATENCY_PORT)
-    result = t.exec("client", sys.executable, PINGPONG, "client", target, str(LATENCY_PORT),
-                    "-n", str(count), "--warmup", str(warmup), timeout=120)
+    result = t.exec(
+        "client",
+        sys.executable,
+        PINGPONG,
+        "client",
+        target,
+        str(LATENCY_PORT),
+        "-n",
+        str(count),
+        "--warmup",
+        str(warmup),
+        timeout=120,
+    )
     try:
         return json.loads(result.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -78,7 +78,8 @@ def latencyTable(results):
             "—" if config.key == "kernel" or added is None else f"{added:+.0f}",
             "—" if config.key == "kernel" or added is None or not base else f"{added / base:.2f}×",
             f"{pi['median'] * 1000:.0f}" if pi else "—",
-            "—" if config.key == "kernel" or not pi or not kernelPing
+            "—"
+            if config.key == "kernel" or not pi or not kernelPing
             else f"{(pi['median'] - kernelPing['median']) * 1000:+.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -113,22 +114,42 @@ def goals(results):
         return ratios, met
 
     ratios, met = both("ent", "openvpn", 2)
-    out.append(("ENT default ≥ 2 × OpenVPN default, single stream, both directions",
-                f"forward {fmtRatio(ratios[0])}, reverse {fmtRatio(ratios[1])}", met))
+    out.append(
+        (
+            "ENT default ≥ 2 × OpenVPN default, single stream, both directions",
+            f"forward {fmtRatio(ratios[0])}, reverse {fmtRatio(ratios[1])}",
+            met,
+        )
+    )
     ratios, met = both("ent1500", "openvpn", 1)
-    out.append(("ENT at MTU 1500 ≥ 1 × OpenVPN at MTU 1500, single stream, both directions",
-                f"forward {fmtRatio(ratios[0])}, reverse {fmtRatio(ratios[1])}", met))
+    out.append(
+        (
+            "ENT at MTU 1500 ≥ 1 × OpenVPN at MTU 1500, single stream, both directions",
+            f"forward {fmtRatio(ratios[0])}, reverse {fmtRatio(ratios[1])}",
+            met,
+        )
+    )
     mine, theirs = addedP50(results, "ent"), addedP50(results, "openvpn")
     met = None if mine is None or not theirs else mine <= 2 * theirs
-    out.append(("ENT default's added round trip (1-byte ping-pong p50 over the kernel path) ≤ 2 × OpenVPN "
-                "default's (issue 15)",
-                "—" if met is None else f"{mine:+.0f} µs vs {theirs:+.0f} µs ({mine / theirs:.2f}×)", met))
+    out.append(
+        (
+            "ENT default's added round trip (1-byte ping-pong p50 over the kernel path) ≤ 2 × OpenVPN "
+            "default's (issue 15)",
+            "—" if met is None else f"{mine:+.0f} µs vs {theirs:+.0f} µs ({mine / theirs:.2f}×)",
+            met,
+        )
+    )
     for ent in ("ent", "ent1500"):
         mine, theirs = addedPing(results, ent), addedPing(results, OPENVPN_BASELINE[ent])
         met = None if mine is None or theirs is None else mine <= theirs
-        out.append((f"added ping RTT over the kernel path ≤ OpenVPN's ({BY_KEY[ent].label} vs "
-                     f"{BY_KEY[OPENVPN_BASELINE[ent]].label})",
-                     f"{fmtMs(mine, True)} ms vs {fmtMs(theirs, True)} ms", met))
+        out.append(
+            (
+                f"added ping RTT over the kernel path ≤ OpenVPN's ({BY_KEY[ent].label} vs "
+                f"{BY_KEY[OPENVPN_BASELINE[ent]].label})",
+                f"{fmtMs(mine, True)} ms vs {fmtMs(theirs, True)} ms",
+                met,
+            )
+        )
     peaks = []
     for ent in ("ent", "ent1500"):
         for label, entry in sorted(((results.get(ent) or {}).get("procs") or {}).items()):
@@ -155,6 +176,7 @@ def firstLine(argv):
 def machineInfo():
     import ent
     import twisted
+
     cpu = "?"
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -206,23 +228,30 @@ def render(results, info, seconds, pngName):
         pingText = f"{p['avg']:.3f} ({p['median']:.3f})" if p else "—"
         base = OPENVPN_BASELINE.get(config.key)
         cells = [
-            config.label, str(config.mtu),
-            rate(bps(results, config.key, "forward")), rate(bps(results, config.key, "reverse")),
-            rate(bps(results, config.key, "streams4")), pingText,
+            config.label,
+            str(config.mtu),
+            rate(bps(results, config.key, "forward")),
+            rate(bps(results, config.key, "reverse")),
+            rate(bps(results, config.key, "streams4")),
+            pingText,
             "—" if config.key == "kernel" else fmtMs(addedPing(results, config.key), True),
         ]
         for other in (base, "kernel"):
             for d in ("forward", "reverse"):
-                cells.append("—" if other is None else fmtRatio(ratio(bps(results, config.key, d), bps(results, other, d))))
+                cells.append(
+                    "—" if other is None else fmtRatio(ratio(bps(results, config.key, d), bps(results, other, d)))
+                )
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "\"vs OpenVPN\" compares with OpenVPN at its default TUN MTU, 1500 (so ENT default and ENT --mtu 1500 "
+        '"vs OpenVPN" compares with OpenVPN at its default TUN MTU, 1500 (so ENT default and ENT --mtu 1500 '
         "are both compared with it, as the goals say). ",
     ]
     large = [ratio(bps(results, "ent", d), bps(results, "openvpn60000", d)) for d in ("forward", "reverse")]
-    lines[-1] += (f"Large MTU against large MTU, ENT default (65535) vs OpenVPN --tun-mtu 60000: "
-                  f"forward {fmtRatio(large[0])}, reverse {fmtRatio(large[1])}.")
+    lines[-1] += (
+        f"Large MTU against large MTU, ENT default (65535) vs OpenVPN --tun-mtu 60000: "
+        f"forward {fmtRatio(large[0])}, reverse {fmtRatio(large[1])}."
+    )
 
     lines += ["", "## Latency", "", LATENCY_TEXT, ""] + latencyTable(results)
     lines += [
@@ -278,13 +307,17 @@ def render(results, info, seconds, pngName):
 
 def chart(results, filename):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
     configs = [c for c in CONFIGS if c.key in results]
-    series = [("forward", "1 stream →", "#1f77b4"), ("reverse", "1 stream ←", "#ff7f0e"),
-              ("streams4", "4 streams →", "#7f7f7f")]
+    series = [
+        ("forward", "1 stream →", "#1f77b4"),
+        ("reverse", "1 stream ←", "#ff7f0e"),
+        ("streams4", "4 streams →", "#7f7f7f"),
+    ]
     width = 0.27
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
     for index, (key, name, colour) in enumerate(series):
@@ -297,8 +330,15 @@ def chart(results, filename):
         bars = ax.bar(xs, heights, width, label=name, color=colour)
         for bar, height in zip(bars, heights, strict=True):
             text = f"{height:.2f}" if height >= 1 else f"{height * 1000:.0f}M"
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, height), ha="center", va="bottom",
-                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, height),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
     ax.set_yscale("log")
     ax.set_ylim(bottom=0.1)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))

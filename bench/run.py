@@ -44,11 +44,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="ENT benchmark against OpenVPN and kernel routing")
     parser.add_argument("--time", type=int, default=5, help="seconds of each iperf3 run (default 5)")
     parser.add_argument("--only", help="comma-separated configurations: " + ",".join(BY_KEY))
-    parser.add_argument("--latency", action="store_true",
-                        help="only the latency part (ping-pong and ping), by default for kernel, ent and openvpn; "
-                             "quick, for development; writes nothing unless --out")
-    parser.add_argument("--out", help="where to write results.md and results.png "
-                        "(default: bench/, and only when every configuration ran)")
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="only the latency part (ping-pong and ping), by default for kernel, ent and openvpn; "
+        "quick, for development; writes nothing unless --out",
+    )
+    parser.add_argument(
+        "--out",
+        help="where to write results.md and results.png (default: bench/, and only when every configuration ran)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("the benchmark creates network namespaces: run it as root")
@@ -92,8 +97,10 @@ def main(argv=None):
         interrupted = True
         say("\ninterrupted: cleaned up")
     left = namespaces.leftovers()
-    say(f"\nleft behind: {', '.join(left) if left else 'nothing'} "
-        f"({namespaces.count} namespaces were created and deleted)")
+    say(
+        f"\nleft behind: {', '.join(left) if left else 'nothing'} "
+        f"({namespaces.count} namespaces were created and deleted)"
+    )
     if interrupted:
         shutil.rmtree(logroot, ignore_errors=True)
         return 130

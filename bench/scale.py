@@ -165,8 +165,7 @@ def measureRate(pid, senders, buffers, receivers, seconds):
     elapsed = time.monotonic() - start
     frames = drain.received / (PACKET_SIZE + 4)
     spent = cpu(pid) - cpuBefore
-    return {"frames_per_second": frames / elapsed,
-            "gateway_cpu_us_per_frame": spent / frames * 1e6 if frames else None}
+    return {"frames_per_second": frames / elapsed, "gateway_cpu_us_per_frame": spent / frames * 1e6 if frames else None}
 
 
 def inside(pid, agents, seconds):
@@ -200,10 +199,18 @@ def inside(pid, agents, seconds):
     for s in legs:
         s.close()
     peer.close()
-    print(json.dumps({
-        "agents": agents, "rss_base": rss0, "rss_agents": rssN,
-        "rss_per_agent": (rssN - rss0) / agents, "peer_to_agents": down, "agents_to_peer": up,
-    }))
+    print(
+        json.dumps(
+            {
+                "agents": agents,
+                "rss_base": rss0,
+                "rss_agents": rssN,
+                "rss_per_agent": (rssN - rss0) / agents,
+                "peer_to_agents": down,
+                "agents_to_peer": up,
+            }
+        )
+    )
 
 
 def insideThroughput(pid, idle, active, seconds):
@@ -274,29 +281,69 @@ def run(agents, seconds, generator=None, source=None, name=None):
         logPath = os.path.join(HERE, f".scale-entg-{name or agents}.log")
         with open(logPath, "wb") as log:
             gateway = subprocess.Popen(
-                ["ip", "netns", "exec", namespace, *twistdCommand(), "-n", "--pidfile=", "entg",
-                 "--enta-listen", f"tcp:{AGENT_PORT}:interface=127.0.0.1:backlog=4096",
-                 "--entg-listen", f"tcp:{PEER_PORT}:interface=127.0.0.1",
-                 "--metrics", f"tcp:{METRICS_PORT}:interface=127.0.0.1"],
-                stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=source or os.getcwd(),
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    namespace,
+                    *twistdCommand(),
+                    "-n",
+                    "--pidfile=",
+                    "entg",
+                    "--enta-listen",
+                    f"tcp:{AGENT_PORT}:interface=127.0.0.1:backlog=4096",
+                    "--entg-listen",
+                    f"tcp:{PEER_PORT}:interface=127.0.0.1",
+                    "--metrics",
+                    f"tcp:{METRICS_PORT}:interface=127.0.0.1",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                cwd=source or os.getcwd(),
             )
         result = None
         for _ in range(100):
             time.sleep(0.2)
-            probe = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c",
-                                    f"import socket; socket.create_connection(('127.0.0.1', {METRICS_PORT}))"],
-                                   capture_output=True)
+            probe = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    namespace,
+                    sys.executable,
+                    "-c",
+                    f"import socket; socket.create_connection(('127.0.0.1', {METRICS_PORT}))",
+                ],
+                capture_output=True,
+            )
             if probe.returncode == 0:
                 break
         result = subprocess.run(
-            ["ip", "netns", "exec", namespace, sys.executable, "-m", "bench.scale", "--inside",
-             str(gateway.pid), "--seconds", str(seconds),
-             *(generator or ["--agents", str(agents)])],
-            capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE),
+            [
+                "ip",
+                "netns",
+                "exec",
+                namespace,
+                sys.executable,
+                "-m",
+                "bench.scale",
+                "--inside",
+                str(gateway.pid),
+                "--seconds",
+                str(seconds),
+                *(generator or ["--agents", str(agents)]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=os.path.dirname(HERE),
         )
         if result.returncode != 0:
-            raise RuntimeError(f"generator failed:\n{result.stdout}\n{result.stderr}\n"
-                               + open(logPath, errors="replace").read()[-3000:])
+            raise RuntimeError(
+                f"generator failed:\n{result.stdout}\n{result.stderr}\n"
+                + open(logPath, errors="replace").read()[-3000:]
+            )
         os.unlink(logPath)
         return json.loads(result.stdout.strip().splitlines()[-1])
     finally:
@@ -331,8 +378,7 @@ def routingCost(seconds, rounds, baseline):
                 if baseline is None:
                     continue
                 source = baseline
-            r = run(idle, seconds, ["--idle", str(idle), "--active", str(active)], source,
-                    name=f"cost-{idle}-{active}")
+            r = run(idle, seconds, ["--idle", str(idle), "--active", str(active)], source, name=f"cost-{idle}-{active}")
             r["active"] = active
             if label not in best:
                 best[label] = r
@@ -364,7 +410,8 @@ def renderCost(rows, seconds, rounds):
         up, down = r["agents_to_peer"], r["peer_to_agents"]
         lines.append(
             f"| {label} | {mbits(up['frames_per_second']):,.0f} | {up['gateway_cpu_us_per_frame'] or 0:.2f} "
-            f"| {mbits(down['frames_per_second']):,.0f} | {down['gateway_cpu_us_per_frame'] or 0:.2f} |")
+            f"| {mbits(down['frames_per_second']):,.0f} | {down['gateway_cpu_us_per_frame'] or 0:.2f} |"
+        )
     base = dict(rows).get(COST_ROWS[0][0])
     if base is not None:
         lines.append("")
@@ -408,8 +455,9 @@ def main(argv=None):
     parser.add_argument("--agents", default="1,100,1000", help="agent counts, comma-separated")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per rate")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the routing-cost rows (0: none)")
-    parser.add_argument("--baseline", default="main",
-                        help="git ref of today's one-to-one relay, for the routing cost (default main)")
+    parser.add_argument(
+        "--baseline", default="main", help="git ref of today's one-to-one relay, for the routing cost (default main)"
+    )
     parser.add_argument("--inside", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--idle", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--active", type=int, help=argparse.SUPPRESS)

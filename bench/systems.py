@@ -59,8 +59,13 @@ BY_KEY = {c.key: c for c in CONFIGS}
 
 # Which OpenVPN configuration each row is compared with. OpenVPN's default
 # TUN MTU is 1500, so "OpenVPN default" is also "OpenVPN at MTU 1500".
-OPENVPN_BASELINE = {"ent": "openvpn", "ent1500": "openvpn", "entmetrics": "openvpn", "openvpn": "openvpn",
-                    "openvpn60000": "openvpn"}
+OPENVPN_BASELINE = {
+    "ent": "openvpn",
+    "ent1500": "openvpn",
+    "entmetrics": "openvpn",
+    "openvpn": "openvpn",
+    "openvpn60000": "openvpn",
+}
 
 
 @contextlib.contextmanager
@@ -69,8 +74,7 @@ def path(config, prefix, namespaces, logdir):
     Build C{config}'s path; yield (topology, iperf3 target, ping target).
     """
     if config.kind == "ent":
-        tunnel = BenchTunnel(PORT, prefix, agentArgs=config.options, gatewayArgs=config.gatewayOptions,
-                             logdir=logdir)
+        tunnel = BenchTunnel(PORT, prefix, agentArgs=config.options, gatewayArgs=config.gatewayOptions, logdir=logdir)
         try:
             tunnel.topology.__enter__()
             namespaces.record(tunnel.topology)
@@ -109,22 +113,42 @@ def path(config, prefix, namespaces, logdir):
         else:
             openvpn = shutil.which("openvpn") or "openvpn"
             common = [openvpn, *OPENVPN_COMMON, *config.options]
-            t.start("server", *common, "--proto", "tcp-server", "--lport", "1194",
-                    "--ifconfig", TUN_SERVER, TUN_CLIENT, name="server-openvpn")
-            t.start("gw2", "socat", "TCP-LISTEN:1195,fork,reuseaddr", f"TCP:{ADDRESS['server']}:1194",
-                    name="gw2-socat")
-            t.start("gw1", "socat", "TCP-LISTEN:1194,fork,reuseaddr", f"TCP:{ADDRESS['gw2']}:1195",
-                    name="gw1-socat")
+            t.start(
+                "server",
+                *common,
+                "--proto",
+                "tcp-server",
+                "--lport",
+                "1194",
+                "--ifconfig",
+                TUN_SERVER,
+                TUN_CLIENT,
+                name="server-openvpn",
+            )
+            t.start("gw2", "socat", "TCP-LISTEN:1195,fork,reuseaddr", f"TCP:{ADDRESS['server']}:1194", name="gw2-socat")
+            t.start("gw1", "socat", "TCP-LISTEN:1194,fork,reuseaddr", f"TCP:{ADDRESS['gw2']}:1195", name="gw1-socat")
             waitListening(t, "server", 1194)
             waitListening(t, "gw2", 1195)
             waitListening(t, "gw1", 1194)
-            t.start("client", *common, "--proto", "tcp-client", "--remote", ADDRESS["gw1.agent"], "1194",
-                    "--ifconfig", TUN_CLIENT, TUN_SERVER, name="client-openvpn")
+            t.start(
+                "client",
+                *common,
+                "--proto",
+                "tcp-client",
+                "--remote",
+                ADDRESS["gw1.agent"],
+                "1194",
+                "--ifconfig",
+                TUN_CLIENT,
+                TUN_SERVER,
+                name="client-openvpn",
+            )
             t.start("server", "iperf3", "-s", "-p", str(PORT), name="iperf3-server")
             startPingPong(t)
             try:
-                t.waitFor(lambda: t.exec("client", "ping", "-c", "1", "-W", "1", TUN_SERVER).returncode == 0,
-                          timeout=30)
+                t.waitFor(
+                    lambda: t.exec("client", "ping", "-c", "1", "-W", "1", TUN_SERVER).returncode == 0, timeout=30
+                )
             except TimeoutError:
                 raise MeasureError("the OpenVPN tunnel did not come up; logs:\n" + tails(logdir))
             waitListening(t, "server", PORT)

@@ -130,12 +130,25 @@ class BenchTunnel(Tunnel):
         if host in ("gw1", "gw2"):
             return super().startService(host)
         if host == "server":
-            args = ["enta", "--replay", str(self.port), "--expose", str(LATENCY_PORT),
-                    "--entg-connect", f"{ADDRESS['gw2.agent']}:6980"]
+            args = [
+                "enta",
+                "--replay",
+                str(self.port),
+                "--expose",
+                str(LATENCY_PORT),
+                "--entg-connect",
+                f"{ADDRESS['gw2.agent']}:6980",
+            ]
         else:
-            args = ["enta", "--dport", str(self.port),
-                    "--map", f"{ADDRESS['server']}:{LATENCY_PORT}={TUN_SERVER}:{LATENCY_PORT}",
-                    "--entg-connect", f"{ADDRESS['gw1.agent']}:6980"]
+            args = [
+                "enta",
+                "--dport",
+                str(self.port),
+                "--map",
+                f"{ADDRESS['server']}:{LATENCY_PORT}={TUN_SERVER}:{LATENCY_PORT}",
+                "--entg-connect",
+                f"{ADDRESS['gw1.agent']}:6980",
+            ]
         process = self.topology.twistd(host, *args, *self.agentArgs)
         self.services[host] = process
         return process

@@ -16,5 +16,6 @@ def addVersionOption(parser, command):
     """
     Give an argparse C{parser} ENG's C{-V}/C{--version}.
     """
-    parser.add_argument("-V", "--version", action="version", version=versionLine(command),
-                        help="print the version and exit")
+    parser.add_argument(
+        "-V", "--version", action="version", version=versionLine(command), help="print the version and exit"
+    )

@@ -11,7 +11,10 @@ COMMANDS = {
     "status": ("ent.observability.status", "summarise a running service from its metrics"),
     "certs": ("ent.legs.certs", "make a small CA and certificates for a test deployment"),
     "demo": ("ent.testing.demo", "run the whole tunnel in network namespaces"),
-    "cleanup": ("ent.hostconfig.cleanup", "remove the rules a killed agent left (they keep captured traffic from leaking)"),
+    "cleanup": (
+        "ent.hostconfig.cleanup",
+        "remove the rules a killed agent left (they keep captured traffic from leaking)",
+    ),
 }
 
 

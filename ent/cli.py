@@ -46,8 +46,9 @@ class ArgumentParser(argparse.ArgumentParser):
         if not extras:
             missing = [a for a in required if getattr(namespace, a.dest, None) is None]
             if missing:
-                self.error("the following arguments are required: "
-                           + ", ".join("/".join(a.option_strings) for a in missing))
+                self.error(
+                    "the following arguments are required: " + ", ".join("/".join(a.option_strings) for a in missing)
+                )
         return namespace, extras
 
 

@@ -116,7 +116,6 @@ class VsockAddressError(ConfigurationError, ValueError):
     """
 
 
-
 class VsockConnectError(EntError, ConnectError):
     """
     A vsock connection could not be made; the message names vsock:CID:PORT.

@@ -144,10 +144,7 @@ int rtls_loglevel_getenv(const char *name);
 ffi = FFI()
 ffi.cdef(_CDEF)
 
-CONF_TYPES = {
-    LAYOUT_V2022: "rats_tls_conf_v2022_t",
-    LAYOUT_V2025: "rats_tls_conf_v2025_t",
-}
+CONF_TYPES = {LAYOUT_V2022: "rats_tls_conf_v2022_t", LAYOUT_V2025: "rats_tls_conf_v2025_t"}
 
 _DETAILS = {
     ERR_UNKNOWN: "unknown error",
@@ -161,8 +158,7 @@ _DETAILS = {
     -9: "initialisation failed",
     -10: "unsupported certificate algorithm",
     ERR_HANDSHAKE: (
-        "TLS handshake failed (the peer closed, spoke something other than"
-        " rats-tls, or its evidence was rejected)"
+        "TLS handshake failed (the peer closed, spoke something other than rats-tls, or its evidence was rejected)"
     ),
 }
 
@@ -418,9 +414,7 @@ class RatsTlsLibrary:
             except UnicodeEncodeError:
                 raise ConfigurationError(f"rats-tls {field} {value!r} is not ASCII") from None
             if len(raw) >= _NAME_SIZE or b"\0" in raw:
-                raise ConfigurationError(
-                    f"rats-tls {field} {value!r} is too long (at most {_NAME_SIZE - 1} bytes)"
-                )
+                raise ConfigurationError(f"rats-tls {field} {value!r} is too long (at most {_NAME_SIZE - 1} bytes)")
             setattr(conf, field, raw)
         return conf
 
@@ -458,12 +452,7 @@ class RatsTlsSession:
     concurrent_entries = 0
     _count_lock = threading.Lock()
 
-    def __init__(
-        self,
-        library: RatsTlsLibrary,
-        config: RatsTlsConfig,
-        verify: Callable[[object], bool] | None = None,
-    ):
+    def __init__(self, library: RatsTlsLibrary, config: RatsTlsConfig, verify: Callable[[object], bool] | None = None):
         """
         @param verify: called during the handshake with the library's
             evidence pointer (a cffi C{void *}; its layout depends on the
@@ -659,9 +648,7 @@ class RatsTlsSession:
             if self._wpending:
                 length = self._wpending
                 if len(data) < length:
-                    raise ValueError(
-                        f"send retried with {len(data)} bytes; {length} are part-way out"
-                    )
+                    raise ValueError(f"send retried with {len(data)} bytes; {length} are part-way out")
             else:
                 length = min(len(data), limit)
                 if length == 0:

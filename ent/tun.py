@@ -84,9 +84,7 @@ def openTun(name):
     except OSError as e:
         os.close(fd)
         if e.errno == errno.EPERM:
-            raise PrivilegeError(
-                f"cannot create TUN {name}: run as root (CAP_NET_ADMIN)"
-            )
+            raise PrivilegeError(f"cannot create TUN {name}: run as root (CAP_NET_ADMIN)")
         raise TunError(f"cannot create TUN {name}: {e.strerror}")
     return fd
 
@@ -100,8 +98,9 @@ class TunTransport(FileDescriptor):
 
     log = Logger()
 
-    def __init__(self, fd, name, mtu, deliver, onWriteError, reactor, batch=DEFAULT_BATCH,
-                 batchBytes=DEFAULT_BATCH_BYTES):
+    def __init__(
+        self, fd, name, mtu, deliver, onWriteError, reactor, batch=DEFAULT_BATCH, batchBytes=DEFAULT_BATCH_BYTES
+    ):
         FileDescriptor.__init__(self, reactor)
         self.stats = TunStats(batch, name)
         self._fd = fd

@@ -60,7 +60,9 @@ class Echo(protocol.Protocol):
     def connectionLost(self, reason):
         log.info(
             "connection from {host}:{port} closed after {count} bytes",
-            host=self.peer.host, port=self.peer.port, count=self.count,
+            host=self.peer.host,
+            port=self.peer.port,
+            count=self.count,
         )
 
 
@@ -155,13 +157,13 @@ def runMany(reactor, args):
     Many concurrent connections, each with its own random payload.
     """
     payloads = [os.urandom(args.bytes) for _ in range(args.connections)]
-    results = yield defer.DeferredList(
-        [echoOnce(reactor, args, p) for p in payloads], consumeErrors=True
-    )
+    results = yield defer.DeferredList([echoOnce(reactor, args, p) for p in payloads], consumeErrors=True)
     passed = sum(1 for success, value in results if success and value[0])
     errors = [value.getErrorMessage() for success, value in results if not success]
-    print(f"{args.connections} connections of {args.bytes} bytes each: "
-          f"{passed} echoed correctly, {args.connections - passed} failed")
+    print(
+        f"{args.connections} connections of {args.bytes} bytes each: "
+        f"{passed} echoed correctly, {args.connections - passed} failed"
+    )
     for message in sorted(set(errors)):
         print(f"error: {message}")
     print("content PASS" if passed == args.connections else "content FAILED")
@@ -183,16 +185,24 @@ def parseArguments(argv):
     any order; so help is C{--help} alone) with ENT's client options beside it.
     """
     parser = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
-    parser.add_argument("command", choices=("client", "server"),
-                        help="server: echo every connection; client: send, half-close, check the echo")
-    parser.add_argument("-h", "--host", default=ENG_HOST,
-                        help=f"address to listen on or connect to (default {ENG_HOST})")
+    parser.add_argument(
+        "command",
+        choices=("client", "server"),
+        help="server: echo every connection; client: send, half-close, check the echo",
+    )
+    parser.add_argument(
+        "-h", "--host", default=ENG_HOST, help=f"address to listen on or connect to (default {ENG_HOST})"
+    )
     parser.add_argument("-p", "--port", type=count(1, 65535), default=ENG_PORT, help=f"TCP port (default {ENG_PORT})")
     parser.add_argument("--bytes", type=count(0), help=f"client: payload size (default {CLIENT_DEFAULTS['bytes']})")
-    parser.add_argument("--timeout", type=seconds,
-                        help=f"client: seconds to wait for the echo (default {CLIENT_DEFAULTS['timeout']:g})")
-    parser.add_argument("--connections", type=count(1),
-                        help="client: concurrent connections, each with its own random payload (default 1)")
+    parser.add_argument(
+        "--timeout", type=seconds, help=f"client: seconds to wait for the echo (default {CLIENT_DEFAULTS['timeout']:g})"
+    )
+    parser.add_argument(
+        "--connections",
+        type=count(1),
+        help="client: concurrent connections, each with its own random payload (default 1)",
+    )
     parser.add_argument("--help", action="help", help="show this help and exit")
     addVersionOption(parser, "echosvr")
     args = parser.parse_args(argv)

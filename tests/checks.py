@@ -13,8 +13,7 @@ def sha256s(output):
     """
     The sha256 the echo client sent and the one it got back.
     """
-    return (re.search(r"sha256 sent (\w+)", output).group(1),
-            re.search(r"sha256 back (\w+)", output).group(1))
+    return (re.search(r"sha256 sent (\w+)", output).group(1), re.search(r"sha256 back (\w+)", output).group(1))
 
 
 def assertEchoAndTransfer(testCase, tunnel, size=20_000_000):
@@ -63,6 +62,5 @@ def statusIn(topology, host, port=METRICS_PORT):
     """
     Run C{python -m ent status} in C{host}'s namespace: (exit code, output).
     """
-    result = topology.exec(host, sys.executable, "-m", "ent", "status", "--metrics", f"127.0.0.1:{port}",
-                           timeout=30)
+    result = topology.exec(host, sys.executable, "-m", "ent", "status", "--metrics", f"127.0.0.1:{port}", timeout=30)
     return result.returncode, result.stdout + result.stderr

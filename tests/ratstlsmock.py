@@ -37,19 +37,13 @@ def build_mock(layout="2025", fresh=False):
     out = tempfile.mkdtemp(prefix=f"v{layout}-", dir=tmpRoot())
     try:
         result = subprocess.run(
-            ["sh", BUILD_SCRIPT, out, layout],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
+            ["sh", BUILD_SCRIPT, out, layout], check=False, capture_output=True, text=True, timeout=120
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise AssertionError(f"cannot run {BUILD_SCRIPT}: {e}")
     if result.returncode != 0:
         raise AssertionError(
-            "building the mock librats_tls.so failed (it needs gcc and libssl-dev):\n"
-            + result.stdout
-            + result.stderr
+            "building the mock librats_tls.so failed (it needs gcc and libssl-dev):\n" + result.stdout + result.stderr
         )
     path = os.path.join(out, "librats_tls.so")
     if not fresh:

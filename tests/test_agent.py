@@ -37,10 +37,14 @@ class FakeTun:
 
 def agentOptions():
     return {
-        "role": "capture", "dports": (7,), "tun-name": "tun0",
+        "role": "capture",
+        "dports": (7,),
+        "tun-name": "tun0",
         "tun-interface": ipaddress.IPv4Interface("192.168.0.1/24"),
         "peer-addr": ipaddress.IPv4Address("192.168.0.254"),
-        "tunnel-port": 6978, "mtu": 65535, "route-table": 6978,
+        "tunnel-port": 6978,
+        "mtu": 65535,
+        "route-table": 6978,
     }
 
 
@@ -120,8 +124,7 @@ class GatewayServiceTests(unittest.TestCase):
     def test_listensForAgentAndPeer(self):
         reactor = MemoryReactorClock()
         service = GatewayService(
-            TCP4ServerEndpoint(reactor, 6980), reactor,
-            peerListen=TCP4ServerEndpoint(reactor, 6979),
+            TCP4ServerEndpoint(reactor, 6980), reactor, peerListen=TCP4ServerEndpoint(reactor, 6979)
         )
         service.startService()
         self.assertEqual(sorted(port for port, *_ in reactor.tcpServers), [6979, 6980])
@@ -131,8 +134,7 @@ class GatewayServiceTests(unittest.TestCase):
     def test_connectsToPeer(self):
         reactor = MemoryReactorClock()
         service = GatewayService(
-            TCP4ServerEndpoint(reactor, 6980), reactor,
-            peerConnect=TCP4ClientEndpoint(reactor, "10.2.0.2", 6979),
+            TCP4ServerEndpoint(reactor, 6980), reactor, peerConnect=TCP4ClientEndpoint(reactor, "10.2.0.2", 6979)
         )
         service.startService()
         self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("10.2.0.2", 6979)])
@@ -147,9 +149,12 @@ class GatewayServiceTests(unittest.TestCase):
         reactor = MemoryReactorClock()
         routes2, routes3 = (ipaddress.ip_network("192.168.0.254/32"),), (ipaddress.ip_network("192.168.0.253/32"),)
         service = GatewayService(
-            TCP4ServerEndpoint(reactor, 6980), reactor,
-            peers=[(TCP4ClientEndpoint(reactor, "10.2.0.2", 6979), routes2),
-                   (TCP4ClientEndpoint(reactor, "10.3.0.2", 6979), routes3)],
+            TCP4ServerEndpoint(reactor, 6980),
+            reactor,
+            peers=[
+                (TCP4ClientEndpoint(reactor, "10.2.0.2", 6979), routes2),
+                (TCP4ClientEndpoint(reactor, "10.3.0.2", 6979), routes3),
+            ],
             peerListen=TCP4ServerEndpoint(reactor, 6979),
         )
         service.startService()

@@ -47,16 +47,44 @@ class TwoTunnels:
         t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7", name="echo")
         for name in ("a",) if sharedGateways else TUNNELS:
             _, _, _, _, _, agentPort, peerPort = TUNNELS[name]
-            t.twistd("gw2", "entg", "--entg-listen", str(peerPort), "--enta-listen", str(agentPort),
-                     *extraArgs("gw2", name), name=f"gw2-{name}")
-            t.twistd("gw1", "entg", "--entg-connect", f"{ADDRESS['gw2']}:{peerPort}",
-                     "--enta-listen", str(agentPort), *extraArgs("gw1", name), name=f"gw1-{name}")
+            t.twistd(
+                "gw2",
+                "entg",
+                "--entg-listen",
+                str(peerPort),
+                "--enta-listen",
+                str(agentPort),
+                *extraArgs("gw2", name),
+                name=f"gw2-{name}",
+            )
+            t.twistd(
+                "gw1",
+                "entg",
+                "--entg-connect",
+                f"{ADDRESS['gw2']}:{peerPort}",
+                "--enta-listen",
+                str(agentPort),
+                *extraArgs("gw1", name),
+                name=f"gw1-{name}",
+            )
         for name, (tun, dport, serverTun, client, server, agentPort, peerPort) in TUNNELS.items():
-            t.twistd("server", "enta", "--replay", "7", "--tun-name", serverTun,
-                     "--tun-addr", f"{server}/24", "--peer-addr", client,
-                     "--entg-connect", f"{ADDRESS['gw2.agent']}:{self.agentPort(name)}",
-                     *(["--announce"] if announce else []), *extraArgs("server", name),
-                     name=f"server-{name}")
+            t.twistd(
+                "server",
+                "enta",
+                "--replay",
+                "7",
+                "--tun-name",
+                serverTun,
+                "--tun-addr",
+                f"{server}/24",
+                "--peer-addr",
+                client,
+                "--entg-connect",
+                f"{ADDRESS['gw2.agent']}:{self.agentPort(name)}",
+                *(["--announce"] if announce else []),
+                *extraArgs("server", name),
+                name=f"server-{name}",
+            )
             self.startClient(name)
         for name in TUNNELS:
             self.waitUp(name)
@@ -67,10 +95,20 @@ class TwoTunnels:
     def startClient(self, name):
         tun, dport, _, client, server, _, _ = TUNNELS[name]
         self.services[name] = self.topology.twistd(
-            "client", "enta", "--dport", str(dport), "--tun-name", tun,
-            "--tun-addr", f"{client}/24", "--peer-addr", server,
-            "--entg-connect", f"{ADDRESS['gw1.agent']}:{self.agentPort(name)}",
-            *self.extraArgs("client", name), name=f"client-{name}",
+            "client",
+            "enta",
+            "--dport",
+            str(dport),
+            "--tun-name",
+            tun,
+            "--tun-addr",
+            f"{client}/24",
+            "--peer-addr",
+            server,
+            "--entg-connect",
+            f"{ADDRESS['gw1.agent']}:{self.agentPort(name)}",
+            *self.extraArgs("client", name),
+            name=f"client-{name}",
         )
 
     def waitUp(self, name):
@@ -86,8 +124,19 @@ class TwoTunnels:
         A short echo on tunnel C{name}'s captured port: (passed, output).
         """
         result = self.topology.exec(
-            "client", sys.executable, ECHOSVR, "client", "--host", ADDRESS["server"],
-            "--port", str(TUNNELS[name][1]), "--bytes", "1000", "--timeout", "20", timeout=60,
+            "client",
+            sys.executable,
+            ECHOSVR,
+            "client",
+            "--host",
+            ADDRESS["server"],
+            "--port",
+            str(TUNNELS[name][1]),
+            "--bytes",
+            "1000",
+            "--timeout",
+            "20",
+            timeout=60,
         )
         return result.returncode == 0 and "content PASS" in result.stdout, result.stdout + result.stderr
 
@@ -112,8 +161,7 @@ class TwoTunnels:
         """
         Run one more client agent that must be refused: its output.
         """
-        result = self.topology.exec("client", *twistdCommand(), "-n", "--pidfile=", "enta", *args,
-                                    timeout=30)
+        result = self.topology.exec("client", *twistdCommand(), "-n", "--pidfile=", "enta", *args, timeout=30)
         if result.returncode == 0:
             raise AssertionError(f"enta {' '.join(args)} was not refused:\n{result.stdout}")
         return result.stdout + result.stderr
@@ -121,8 +169,10 @@ class TwoTunnels:
     def logs(self):
         import glob
 
-        return "\n".join(f"--- {path}\n" + open(path, errors="replace").read()[-3000:]
-                         for path in sorted(glob.glob(f"{self.topology.logdir}/*.log")))
+        return "\n".join(
+            f"--- {path}\n" + open(path, errors="replace").read()[-3000:]
+            for path in sorted(glob.glob(f"{self.topology.logdir}/*.log"))
+        )
 
 
 class AgentsOnOneHostTests(unittest.TestCase):
@@ -146,10 +196,15 @@ class AgentsOnOneHostTests(unittest.TestCase):
         self.assertRegex(ruleA, r"^6978:\s.* lookup 6978 proto 231")
         self.assertRegex(ruleB, r"^6979:\s.* lookup 6979 proto 231")
         routes = t.kernelState("client")["routes"].splitlines()
-        self.assertEqual(sorted(map(str.strip, routes)), [
-            "default dev tun0 table 6978", "default dev tun1 table 6979",
-            "unreachable default table 6978 metric 65535", "unreachable default table 6979 metric 65535",
-        ])
+        self.assertEqual(
+            sorted(map(str.strip, routes)),
+            [
+                "default dev tun0 table 6978",
+                "default dev tun1 table 6979",
+                "unreachable default table 6978 metric 65535",
+                "unreachable default table 6979 metric 65535",
+            ],
+        )
         serverTables = t.topology.exec("server", "nft", "list", "tables").stdout.split("\n")
         self.assertIn("table ip ent_srv-a", serverTables)
         self.assertIn("table ip ent_srv_a", serverTables)
@@ -161,8 +216,10 @@ class AgentsOnOneHostTests(unittest.TestCase):
         after = t.kernelState("client")
         self.assertEqual(t.rulesFor(7), [])
         self.assertEqual(t.rulesFor(8), [ruleB])
-        self.assertEqual(sorted(map(str.strip, after["routes"].splitlines())),
-                         ["default dev tun1 table 6979", "unreachable default table 6979 metric 65535"])
+        self.assertEqual(
+            sorted(map(str.strip, after["routes"].splitlines())),
+            ["default dev tun1 table 6979", "unreachable default table 6979 metric 65535"],
+        )
         self.assertNotIn("ent_tun0", after["nft"])
         self.assertEqual(t.nftTable("tun1"), tableB)
         passed, output = t.echo("b")
@@ -177,18 +234,30 @@ class AgentsOnOneHostTests(unittest.TestCase):
         t = self.tunnels
         before = t.kernelState("client")
         refusals = [
-            (["--tun-name", "tun2", "--dport", "9,7"],
-             "enta: cannot start: --dport 7 is already captured by the agent on tun0 (table 6978)"),
-            (["--tun-name", "tun2", "--dport", "9", "--route-table", "6979"],
-             "enta: cannot start: --route-table 6979 is in use by the agent on tun1 (table 6979)"),
-            (["--tun-name", "tun1", "--dport", "9"],
-             "enta: cannot start: --tun-name tun1 is in use by another running agent (nftables table ent_tun1)"),
-            (["--tun-name", "tun2", "--dport", "6990"],
-             "enta: cannot start: --dport 6990 would capture the gateway connection of the agent on tun1"),
-            (["--tun-name", "tun2", "--dport", "9", "--entg-connect", "10.1.0.2:8"],
-             "enta: cannot start: the gateway port 8 is captured by the agent on tun1 (table 6979)"),
-            (["--tun-name", "tun2", "--dport", "6980", "--entg-connect", "10.1.0.2:6980"],
-             "--dport 6980 is the gateway's port (--entg-connect): capturing it would loop"),
+            (
+                ["--tun-name", "tun2", "--dport", "9,7"],
+                "enta: cannot start: --dport 7 is already captured by the agent on tun0 (table 6978)",
+            ),
+            (
+                ["--tun-name", "tun2", "--dport", "9", "--route-table", "6979"],
+                "enta: cannot start: --route-table 6979 is in use by the agent on tun1 (table 6979)",
+            ),
+            (
+                ["--tun-name", "tun1", "--dport", "9"],
+                "enta: cannot start: --tun-name tun1 is in use by another running agent (nftables table ent_tun1)",
+            ),
+            (
+                ["--tun-name", "tun2", "--dport", "6990"],
+                "enta: cannot start: --dport 6990 would capture the gateway connection of the agent on tun1",
+            ),
+            (
+                ["--tun-name", "tun2", "--dport", "9", "--entg-connect", "10.1.0.2:8"],
+                "enta: cannot start: the gateway port 8 is captured by the agent on tun1 (table 6979)",
+            ),
+            (
+                ["--tun-name", "tun2", "--dport", "6980", "--entg-connect", "10.1.0.2:6980"],
+                "--dport 6980 is the gateway's port (--entg-connect): capturing it would loop",
+            ),
         ]
         for args, message in refusals:
             output = t.enta(*args)
@@ -208,9 +277,21 @@ class AgentsOnOneHostTests(unittest.TestCase):
         self.assertEqual(code, -signal.SIGKILL)
         (stale,) = t.rulesFor(7)
         # tun1000 would take table and priority 6978 if it were free.
-        third = t.topology.twistd("client", "enta", "--tun-name", "tun1000", "--dport", "9",
-                                  "--tun-addr", "192.168.2.1/24", "--peer-addr", "192.168.2.254",
-                                  "--entg-connect", "10.1.0.2:7000", name="client-third")
+        third = t.topology.twistd(
+            "client",
+            "enta",
+            "--tun-name",
+            "tun1000",
+            "--dport",
+            "9",
+            "--tun-addr",
+            "192.168.2.1/24",
+            "--peer-addr",
+            "192.168.2.254",
+            "--entg-connect",
+            "10.1.0.2:7000",
+            name="client-third",
+        )
         t.topology.waitFor(lambda: t.rulesFor(9), timeout=15)
         (ruleThird,) = t.rulesFor(9)
         self.assertRegex(ruleThird, r"^6980:\s.* lookup 6980 proto 231")

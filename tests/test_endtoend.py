@@ -28,8 +28,7 @@ class TunnelTests(unittest.TestCase):
         self.assertIn("content PASS", result.stdout)
         self.assertIn("received 1000 bytes", result.stdout)
         echoLog = open(f"{self.tunnel.logdir}/echo.log").read()
-        self.assertIn("connection from 192.168.0.1:", echoLog,
-                      "the server should see the client's tunnel address")
+        self.assertIn("connection from 192.168.0.1:", echoLog, "the server should see the client's tunnel address")
 
     def test_20MBTransferSameSha256(self):
         assertEchoAndTransfer(self, self.tunnel)
@@ -45,8 +44,7 @@ class TunnelTests(unittest.TestCase):
         Port 8 is not captured: the client has no route to the server host.
         """
         result = self.tunnel.topology.exec(
-            "client", sys.executable, "-c",
-            "import socket; socket.create_connection(('10.3.0.2', 8), timeout=2)",
+            "client", sys.executable, "-c", "import socket; socket.create_connection(('10.3.0.2', 8), timeout=2)"
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("Network is unreachable", result.stderr)
@@ -88,8 +86,7 @@ class StartFailureTests(unittest.TestCase):
     def test_badOption(self):
         result = self.run_enta("--dport", "70000")
         self.assertEqual((result.returncode, result.stdout), (2, ""))
-        self.assertIn("--dport '70000': port 70000 is out of range 1-65535",
-                      result.stderr)
+        self.assertIn("--dport '70000': port 70000 is out of range 1-65535", result.stderr)
         self.assertNothingConfigured()
 
     def test_conflictingOptions(self):
@@ -103,8 +100,7 @@ class StartFailureTests(unittest.TestCase):
         ex("client", "ip", "link", "add", "tun0", "type", "bridge", check=True)
         result = self.run_enta("--dport", "7", "--entg-connect", "10.1.0.2:6980")
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("enta: cannot start: an interface named tun0 already exists",
-                      result.stdout + result.stderr)
+        self.assertIn("enta: cannot start: an interface named tun0 already exists", result.stdout + result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
         self.assertIn("tun0", ex("client", "ip", "-o", "link", "show", "type", "bridge").stdout)
         self.assertEqual(ex("client", "nft", "list", "tables").stdout, "")
@@ -112,8 +108,18 @@ class StartFailureTests(unittest.TestCase):
 
     def test_withoutPrivileges(self):
         result = self.topology.exec(
-            "client", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-            *twistdCommand(), "-n", "--pidfile=", "enta", "--dport", "7", timeout=30,
+            "client",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            *twistdCommand(),
+            "-n",
+            "--pidfile=",
+            "enta",
+            "--dport",
+            "7",
+            timeout=30,
         )
         output = result.stdout + result.stderr
         self.assertNotEqual(result.returncode, 0)
@@ -130,8 +136,12 @@ class StartFailureTests(unittest.TestCase):
         self.assertNothingConfigured()
 
     def test_gatewayPortInUse(self):
-        blocker = self.topology.start("gw1", sys.executable, "-c",
-                                      "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',6980)); s.listen(); time.sleep(60)")
+        blocker = self.topology.start(
+            "gw1",
+            sys.executable,
+            "-c",
+            "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',6980)); s.listen(); time.sleep(60)",
+        )
         self.topology.waitFor(lambda: ":6980" in self.topology.exec("gw1", "ss", "-ltn").stdout)
         result = self.topology.exec("gw1", *twistdCommand(), "-n", "--pidfile=", "entg", timeout=30)
         self.assertNotEqual(result.returncode, 0)

@@ -22,8 +22,7 @@ from tests.checks import assertStopsCleanly
 from tests.netns import enterNewNamespace, requireRoot
 
 ENG_RESULT = re.compile(
-    r"^Sent (\d+) bytes, received (\d+) bytes\tcheck size: (PASS|FAIL)\tcheck content: (PASS|FAIL)$",
-    re.MULTILINE,
+    r"^Sent (\d+) bytes, received (\d+) bytes\tcheck size: (PASS|FAIL)\tcheck content: (PASS|FAIL)$", re.MULTILINE
 )
 
 
@@ -49,8 +48,7 @@ class BareOptionsTests(unittest.TestCase):
         """
         No rule names the peer, so any address will do without --peer-addr.
         """
-        self.assertEqual(enta("--tun-addr", "10.9.0.7/16")["tun-interface"],
-                         ipaddress.IPv4Interface("10.9.0.7/16"))
+        self.assertEqual(enta("--tun-addr", "10.9.0.7/16")["tun-interface"], ipaddress.IPv4Interface("10.9.0.7/16"))
 
     def test_peerAddressStillChecked(self):
         o = enta("--tun-addr", "192.168.0.254/24", "--peer-addr", "192.168.0.1")
@@ -66,8 +64,9 @@ class VersionTests(unittest.TestCase):
 
     def assertVersion(self, argv, name):
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        self.assertEqual((result.returncode, result.stdout, result.stderr),
-                         (0, f"{name} (ENT) {__version__}\n", ""), argv)
+        self.assertEqual(
+            (result.returncode, result.stdout, result.stderr), (0, f"{name} (ENT) {__version__}\n", ""), argv
+        )
 
     def test_twistdCommands(self):
         for plugin in ("enta", "entg", "ent-relay"):
@@ -136,20 +135,24 @@ class EchosvrEngFormTests(unittest.TestCase):
         waitListening("127.0.0.1", 8080)
 
     def client(self, *args):
-        return subprocess.run([sys.executable, ECHOSVR, "client", *args],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, ECHOSVR, "client", *args], capture_output=True, text=True, timeout=60)
 
     def test_defaults(self):
         self.startServer(sys.executable, ECHOSVR, "server")
         result = self.client()
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertEqual(result.stdout.splitlines()[0],
-                         "Sent 64 bytes, received 64 bytes\tcheck size: PASS\tcheck content: PASS")
+        self.assertEqual(
+            result.stdout.splitlines()[0], "Sent 64 bytes, received 64 bytes\tcheck size: PASS\tcheck content: PASS"
+        )
 
     def test_shortFlagsInAnyOrder(self):
         self.startServer(sys.executable, ECHOSVR, "-p", "8080", "server", "-h", "127.0.0.1")
-        result = subprocess.run([sys.executable, ECHOSVR, "-h", "127.0.0.1", "client", "-p", "8080",
-                                 "--bytes", "100000"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, ECHOSVR, "-h", "127.0.0.1", "client", "-p", "8080", "--bytes", "100000"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertEqual(ENG_RESULT.search(result.stdout).groups(), ("100000", "100000", "PASS", "PASS"))
         # ENT's own lines stay beside ENG's.
@@ -172,8 +175,9 @@ class EchosvrEngFormTests(unittest.TestCase):
         result = subprocess.run([sys.executable, ECHOSVR, "--help"], capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("-h HOST, --host HOST", result.stdout)
-        result = subprocess.run([sys.executable, ECHOSVR, "server", "--bytes", "5"],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, ECHOSVR, "server", "--bytes", "5"], capture_output=True, text=True, timeout=60
+        )
         self.assertEqual(result.returncode, 2)
         self.assertIn("--bytes is a client option", result.stderr)
 
@@ -212,7 +216,9 @@ class BareTunnelTests(unittest.TestCase):
         The client connects to the server's tunnel address itself: no
         capture, no replay, the TUN's own route takes it.
         """
-        result = self.ex("client", sys.executable, ECHOSVR, "client", "--host", "192.168.0.254", "--port", "7", "--bytes", "100000")
+        result = self.ex(
+            "client", sys.executable, ECHOSVR, "client", "--host", "192.168.0.254", "--port", "7", "--bytes", "100000"
+        )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr + self.tunnel.logs())
         self.assertEqual(ENG_RESULT.search(result.stdout).groups(), ("100000", "100000", "PASS", "PASS"))
         with open(os.path.join(self.tunnel.logdir, "echo.log")) as f:
@@ -240,10 +246,12 @@ class BareTunnelTests(unittest.TestCase):
         ENG's demo: echosvr's server on the far tunnel address, its client
         from the near host, both in ENG's form.
         """
-        self.tunnel.topology.start("server", sys.executable, ECHOSVR, "server", "-h", "192.168.0.254",
-                                   "-p", "8080", name="eng-echo")
+        self.tunnel.topology.start(
+            "server", sys.executable, ECHOSVR, "server", "-h", "192.168.0.254", "-p", "8080", name="eng-echo"
+        )
         self.tunnel.topology.waitFor(lambda: ":8080" in self.ex("server", "ss", "-ltn").stdout)
         result = self.ex("client", sys.executable, ECHOSVR, "client", "-h", "192.168.0.254", "-p", "8080")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr + self.tunnel.logs())
-        self.assertEqual(result.stdout.splitlines()[0],
-                         "Sent 64 bytes, received 64 bytes\tcheck size: PASS\tcheck content: PASS")
+        self.assertEqual(
+            result.stdout.splitlines()[0], "Sent 64 bytes, received 64 bytes\tcheck size: PASS\tcheck content: PASS"
+        )

@@ -26,8 +26,14 @@ from tests.netns import requireRoot
 
 SERVER = ADDRESS["server"]
 SERVER_ROLE = ["--expose", "80=8080", "--expose", "7", "--expose", "53/udp=5353"]
-CLIENT_ROLE = ["--map", f"{SERVER}:80=192.168.0.254:80", "--map", f"{SERVER}:7=192.168.0.254:7",
-               "--map", f"{SERVER}:53/udp=192.168.0.254:53"]
+CLIENT_ROLE = [
+    "--map",
+    f"{SERVER}:80=192.168.0.254:80",
+    "--map",
+    f"{SERVER}:7=192.168.0.254:7",
+    "--map",
+    f"{SERVER}:53/udp=192.168.0.254:53",
+]
 
 UDP_ECHO = r"""
 import socket, sys
@@ -117,16 +123,27 @@ class ServicesTunnel:
 
     def __init__(self, testCase, clientRole=CLIENT_ROLE, serverRole=SERVER_ROLE):
         requireRoot(testCase)
-        self.tunnel = Tunnel(roleArgs={"client": clientRole, "server": serverRole},
-                             hostArgs={"client": METRICS, "server": METRICS}).__enter__()
+        self.tunnel = Tunnel(
+            roleArgs={"client": clientRole, "server": serverRole}, hostArgs={"client": METRICS, "server": METRICS}
+        ).__enter__()
         testCase.addCleanup(self.tunnel.__exit__, None, None, None)
         self.topology = t = self.tunnel.topology
         self.webroot = tempfile.mkdtemp(prefix="ent-web-")
         testCase.addCleanup(shutil.rmtree, self.webroot, True)
         with open(os.path.join(self.webroot, "big.bin"), "wb") as f:
             f.write(os.urandom(10_000_000))
-        t.start("server", sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0",
-                "--directory", self.webroot, name="http")
+        t.start(
+            "server",
+            sys.executable,
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+            self.webroot,
+            name="http",
+        )
         t.start("server", sys.executable, "-u", "-c", UDP_ECHO, "5353", name="udp-echo")
         t.waitFor(listening(t, "server", 8080))
 
@@ -155,7 +172,7 @@ class ServicesThroughTheTunnelTests(unittest.TestCase):
         with open(os.path.join(self.s.webroot, "big.bin"), "rb") as f:
             expected = f"10000000 {hashlib.sha256(f.read()).hexdigest()}"
         self.assertEqual(get.stdout.strip(), expected, get.stderr + self.logs())
-        self.assertIn('192.168.0.1 - - ', self.s.log("http"))
+        self.assertIn("192.168.0.1 - - ", self.s.log("http"))
 
         echo = self.s.tunnel.echoClient(5_000_000, timeout=120)
         self.assertEqual(echo.returncode, 0, echo.stdout + echo.stderr + self.logs())
@@ -175,10 +192,10 @@ class ServicesThroughTheTunnelTests(unittest.TestCase):
         still answers both ways.
         """
         t = self.t
-        t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "9999",
-                name="unexposed")
-        t.start("client", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7777",
-                name="client-listener")
+        t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "9999", name="unexposed")
+        t.start(
+            "client", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7777", name="client-listener"
+        )
         t.waitFor(listening(t, "server", 9999))
         t.waitFor(listening(t, "client", 7777))
         before = {host: dropped(t, host) for host in ("client", "server")}
@@ -188,8 +205,7 @@ class ServicesThroughTheTunnelTests(unittest.TestCase):
         self.assertIn("timed out", connect(t, "server", "192.168.0.1", 7))
         for host in ("client", "server"):
             self.assertGreater(dropped(t, host), before[host], host)
-            t.waitFor(lambda: scrapeIn(t, host).value("ent_tunnel_dropped_total", hook="input") >= 1,
-                      timeout=20)
+            t.waitFor(lambda: scrapeIn(t, host).value("ent_tunnel_dropped_total", hook="input") >= 1, timeout=20)
         self.assertEqual(connect(t, "client", SERVER, 7), "connected", "the exposed service still works")
         for host, far in (("client", "192.168.0.254"), ("server", "192.168.0.1")):
             ping = t.exec(host, "ping", "-c", "1", "-W", "2", far)
@@ -203,8 +219,9 @@ class ServicesThroughTheTunnelTests(unittest.TestCase):
         self.assertIn('iifname "tun0" tcp dport 80 redirect to :8080', server)
         self.assertIn('iifname "tun0" udp dport 53 redirect to :5353', server)
         for proto, port in (("tcp", 80), ("tcp", 7), ("udp", 53)):
-            self.assertIn(f"ct original ip daddr 192.168.0.254 meta l4proto {proto} ct original proto-dst {port} accept",
-                          server)
+            self.assertIn(
+                f"ct original ip daddr 192.168.0.254 meta l4proto {proto} ct original proto-dst {port} accept", server
+            )
         client = self.t.exec("client", "nft", "list", "table", "ip", "ent_tun0").stdout
         self.assertIn(f'oifname "tun0" ip daddr {SERVER} tcp dport 80 dnat to 192.168.0.254:80', client)
         self.assertIn(f'oifname "tun0" ip daddr {SERVER} udp dport 53 dnat to 192.168.0.254:53', client)
@@ -255,8 +272,10 @@ class FailClosedTests(unittest.TestCase):
     def setUp(self):
         requireRoot(self)
         self.s = ServicesTunnel(
-            self, clientRole=["--map", f"{SERVER}:7=192.168.0.254:7", "--map", f"{SERVER}:53/udp=192.168.0.254:53"],
-            serverRole=["--expose", "7", "--expose", "53/udp=5353"])
+            self,
+            clientRole=["--map", f"{SERVER}:7=192.168.0.254:7", "--map", f"{SERVER}:53/udp=192.168.0.254:53"],
+            serverRole=["--expose", "7", "--expose", "53/udp=5353"],
+        )
         self.tunnel = self.s.tunnel
         self.t = t = self.s.topology
         # The direct link, only between namespaces this test made.
@@ -335,8 +354,11 @@ class CaptureFromTests(unittest.TestCase):
 
     def test_containerBehindTheClientHost(self):
         requireRoot(self)
-        s = ServicesTunnel(self, clientRole=["--map", f"{SERVER}:7=192.168.0.254:7", "--capture-from", "vbox"],
-                           serverRole=["--expose", "7"])
+        s = ServicesTunnel(
+            self,
+            clientRole=["--map", f"{SERVER}:7=192.168.0.254:7", "--capture-from", "vbox"],
+            serverRole=["--expose", "7"],
+        )
         t = s.topology
         box = t.ns("box")
         subprocess.run(["ip", "netns", "add", box], check=True)
@@ -379,19 +401,51 @@ class BothRolesOnOneHostTests(unittest.TestCase):
         t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7", name="echo-7")
         t.start("client", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "9", name="echo-9")
         for name, agentPort, peerPort in (("a", 6980, 6979), ("b", 6990, 6989)):
-            t.twistd("gw2", "entg", "--entg-listen", str(peerPort), "--enta-listen", str(agentPort),
-                     name=f"gw2-{name}")
-            t.twistd("gw1", "entg", "--entg-connect", f"{ADDRESS['gw2']}:{peerPort}",
-                     "--enta-listen", str(agentPort), name=f"gw1-{name}")
+            t.twistd("gw2", "entg", "--entg-listen", str(peerPort), "--enta-listen", str(agentPort), name=f"gw2-{name}")
+            t.twistd(
+                "gw1",
+                "entg",
+                "--entg-connect",
+                f"{ADDRESS['gw2']}:{peerPort}",
+                "--enta-listen",
+                str(agentPort),
+                name=f"gw1-{name}",
+            )
         gw1, gw2 = ADDRESS["gw1.agent"], ADDRESS["gw2.agent"]
         t.twistd("server", "enta", "--expose", "7", "--entg-connect", f"{gw2}:6980", name="server-a")
-        t.twistd("client", "enta", "--map", f"{SERVER}:7=192.168.0.254:7", "--entg-connect", f"{gw1}:6980",
-                 name="client-a")
-        t.twistd("client", "enta", "--expose", "9", "--tun-name", "tunb", "--tun-addr", "192.168.1.254/24",
-                 "--peer-addr", "192.168.1.1", "--entg-connect", f"{gw1}:6990", name="client-b")
-        t.twistd("server", "enta", "--map", f"{ADDRESS['client']}:9=192.168.1.254:9", "--tun-name", "tunb",
-                 "--tun-addr", "192.168.1.1/24", "--peer-addr", "192.168.1.254", "--entg-connect", f"{gw2}:6990",
-                 name="server-b")
+        t.twistd(
+            "client", "enta", "--map", f"{SERVER}:7=192.168.0.254:7", "--entg-connect", f"{gw1}:6980", name="client-a"
+        )
+        t.twistd(
+            "client",
+            "enta",
+            "--expose",
+            "9",
+            "--tun-name",
+            "tunb",
+            "--tun-addr",
+            "192.168.1.254/24",
+            "--peer-addr",
+            "192.168.1.1",
+            "--entg-connect",
+            f"{gw1}:6990",
+            name="client-b",
+        )
+        t.twistd(
+            "server",
+            "enta",
+            "--map",
+            f"{ADDRESS['client']}:9=192.168.1.254:9",
+            "--tun-name",
+            "tunb",
+            "--tun-addr",
+            "192.168.1.1/24",
+            "--peer-addr",
+            "192.168.1.254",
+            "--entg-connect",
+            f"{gw2}:6990",
+            name="server-b",
+        )
         # Each host's capturing agent, and the far end of its tunnel.
         for host, far, agent in (("client", "192.168.0.254", "client-a"), ("server", "192.168.1.254", "server-b")):
             t.waitFor(lambda: t.exec(host, "ping", "-c", "1", "-W", "1", far).returncode == 0, timeout=30)
@@ -399,8 +453,21 @@ class BothRolesOnOneHostTests(unittest.TestCase):
                 self.assertIn("captured connections admitted", log.read())
 
         def echo(host, address, port):
-            result = t.exec(host, sys.executable, ECHOSVR, "client", "--host", address, "--port", str(port),
-                            "--bytes", "100000", "--timeout", "20", timeout=60)
+            result = t.exec(
+                host,
+                sys.executable,
+                ECHOSVR,
+                "client",
+                "--host",
+                address,
+                "--port",
+                str(port),
+                "--bytes",
+                "100000",
+                "--timeout",
+                "20",
+                timeout=60,
+            )
             return result.returncode == 0 and "content PASS" in result.stdout
 
         self.assertTrue(echo("client", SERVER, 7), "tunnel a")
@@ -418,14 +485,30 @@ class ExposeToAnotherHostTests(unittest.TestCase):
     """
 
     def test_forwardedToTheServersNeighbour(self):
-        s = ServicesTunnel(self, clientRole=["--map", f"{SERVER}:8=192.168.0.254:8"],
-                           serverRole=["--expose", f"8={ADDRESS['gw2.agent']}:8"])
+        s = ServicesTunnel(
+            self,
+            clientRole=["--map", f"{SERVER}:8=192.168.0.254:8"],
+            serverRole=["--expose", f"8={ADDRESS['gw2.agent']}:8"],
+        )
         t = s.topology
         t.exec("server", "sysctl", "-qw", "net.ipv4.ip_forward=1", check=True)
         t.start("gw2", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "8", name="neighbour")
         t.waitFor(listening(t, "gw2", 8))
-        echo = t.exec("client", sys.executable, ECHOSVR, "client", "--host", SERVER, "--port", "8",
-                      "--bytes", "1000000", "--timeout", "30", timeout=60)
+        echo = t.exec(
+            "client",
+            sys.executable,
+            ECHOSVR,
+            "client",
+            "--host",
+            SERVER,
+            "--port",
+            "8",
+            "--bytes",
+            "1000000",
+            "--timeout",
+            "30",
+            timeout=60,
+        )
         self.assertEqual(echo.returncode, 0, echo.stdout + echo.stderr + s.tunnel.logs())
         self.assertIn("content PASS", echo.stdout)
         self.assertIn(f"connection from {SERVER}:", s.log("neighbour"))

@@ -42,8 +42,11 @@ class FaultTests(unittest.TestCase):
         self.assertEqual(self.restart("client"), -signal.SIGKILL)
         stale = self.ourState("client")
         self.assertEqual(stale["tuns"], 0, "the TUN dies with its process")
-        self.assertEqual((stale["tables"], stale["rules"], stale["routes"]), (1, 1, 1),
-                         "a killed agent leaves these: captured traffic meets the unreachable route")
+        self.assertEqual(
+            (stale["tables"], stale["rules"], stale["routes"]),
+            (1, 1, 1),
+            "a killed agent leaves these: captured traffic meets the unreachable route",
+        )
         self.tunnel.startService("client")
         self.t.waitFor(self.tunnel.tunnelUp, timeout=30)
         self.assertEqual(self.ourState("client"), {"tuns": 1, "tables": 1, "rules": 1, "routes": 2})
@@ -72,7 +75,9 @@ class FaultTests(unittest.TestCase):
         """
         client = subprocess.Popen(
             ["ip", "netns", "exec", self.t.ns("client"), *self.tunnel.echoCommand(size, timeout=timeout)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.addCleanup(lambda: client.poll() is None and client.kill())
         echoLog = f"{self.tunnel.logdir}/echo.log"
@@ -178,7 +183,9 @@ class SlowPeerTests(unittest.TestCase):
         size = 50_000_000
         client = subprocess.Popen(
             ["ip", "netns", "exec", self.t.ns("client"), *self.tunnel.echoCommand(size, timeout=240)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.addCleanup(lambda: client.poll() is None and client.kill())
         echoLog = f"{self.tunnel.logdir}/echo.log"
@@ -194,8 +201,11 @@ class SlowPeerTests(unittest.TestCase):
             server.send_signal(signal.SIGCONT)
         for host in after:
             self.assertLess(after[host], 80 * 2**20, f"{host}: RSS {after[host]} bytes")
-            self.assertLess(after[host] - before[host], 8 * 2**20,
-                            f"{host}: RSS grew from {before[host]} to {after[host]} while stalled")
+            self.assertLess(
+                after[host] - before[host],
+                8 * 2**20,
+                f"{host}: RSS grew from {before[host]} to {after[host]} while stalled",
+            )
         output, _ = client.communicate(timeout=300)
         self.assertEqual(client.returncode, 0, output + self.tunnel.logs())
         sent, back = sha256s(output)

@@ -20,10 +20,7 @@ class FrameEncodingTests(unittest.TestCase):
 
     def test_frameSequenceAlternatesHeaderAndPacket(self):
         packets = [b"\x45" * 3, b"\x60" * 300]
-        self.assertEqual(
-            frameSequence(packets),
-            [struct.pack(">I", 3), packets[0], struct.pack(">I", 300), packets[1]],
-        )
+        self.assertEqual(frameSequence(packets), [struct.pack(">I", 3), packets[0], struct.pack(">I", 300), packets[1]])
 
 
 class PacketDecodingTests(unittest.TestCase):

@@ -15,11 +15,13 @@ from twisted.trial import unittest
 from ent.hostconfig.guard import TableGuard, dropCounts
 from ent.observability.stats import ServiceStats
 
-COUNTERS = {"nftables": [
-    {"metainfo": {"version": "1.0.6"}},
-    {"counter": {"family": "ip", "name": "input_dropped", "table": "ent_tun0", "packets": 3, "bytes": 180}},
-    {"counter": {"family": "ip", "name": "forward_dropped", "table": "ent_tun0", "packets": 0, "bytes": 0}},
-]}
+COUNTERS = {
+    "nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"counter": {"family": "ip", "name": "input_dropped", "table": "ent_tun0", "packets": 3, "bytes": 180}},
+        {"counter": {"family": "ip", "name": "forward_dropped", "table": "ent_tun0", "packets": 0, "bytes": 0}},
+    ]
+}
 
 FAKE_NFT = f"""#!{sys.executable}
 import json, sys

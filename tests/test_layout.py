@@ -25,15 +25,36 @@ LAYERS = (
     ("hostconfig", ("ent/hostconfig/",), ("basics",)),
     ("capture", ("ent/capture/", "ent/tun.py"), ("basics", "observability", "hostconfig")),
     ("protocols", ("ent/protocols/",), ("basics", "legs", "observability")),
-    ("service support", ("ent/services/__init__.py", "ent/services/options.py", "ent/services/startup.py"),
-     ("basics", "legs", "observability", "hostconfig", "capture", "protocols")),
-    ("services", ("ent/services/agent.py", "ent/services/gateway.py", "ent/services/socketrelay.py"),
-     ("basics", "legs", "observability", "hostconfig", "capture", "protocols", "service support")),
-    ("wiring", ("ent/services/app.py", "ent/__main__.py"),
-     ("basics", "legs", "observability", "hostconfig", "capture", "protocols", "service support", "services")),
-    ("testing", ("ent/testing/",),
-     ("basics", "legs", "observability", "hostconfig", "capture", "protocols", "service support", "services",
-      "wiring")),
+    (
+        "service support",
+        ("ent/services/__init__.py", "ent/services/options.py", "ent/services/startup.py"),
+        ("basics", "legs", "observability", "hostconfig", "capture", "protocols"),
+    ),
+    (
+        "services",
+        ("ent/services/agent.py", "ent/services/gateway.py", "ent/services/socketrelay.py"),
+        ("basics", "legs", "observability", "hostconfig", "capture", "protocols", "service support"),
+    ),
+    (
+        "wiring",
+        ("ent/services/app.py", "ent/__main__.py"),
+        ("basics", "legs", "observability", "hostconfig", "capture", "protocols", "service support", "services"),
+    ),
+    (
+        "testing",
+        ("ent/testing/",),
+        (
+            "basics",
+            "legs",
+            "observability",
+            "hostconfig",
+            "capture",
+            "protocols",
+            "service support",
+            "services",
+            "wiring",
+        ),
+    ),
 )
 
 # No service imports another: only the wiring above them builds them.
@@ -161,15 +182,18 @@ class LayeringTests(unittest.TestCase):
             os.makedirs(os.path.join(tree, os.path.dirname(path)), exist_ok=True)
             with open(os.path.join(tree, path), "w") as f:
                 f.write(text)
-        self.assertEqual(violations(tree), [
-            "ent/newmodule.py: no layer; give it one in tests/test_layout.py LAYERS (see ARCHITECTURE.md)",
-            "ent/services/agent.py:1 (services) imports ent.services.gateway (services): services may use "
-            "basics, capture, hostconfig, legs, observability, protocols, service support",
-            "ent/tun.py:2 (capture) imports ent.services (service support): capture may use "
-            "basics, hostconfig, observability",
-            "ent/tun.py:2 (capture) imports ent.services.agent (services): capture may use "
-            "basics, hostconfig, observability",
-        ])
+        self.assertEqual(
+            violations(tree),
+            [
+                "ent/newmodule.py: no layer; give it one in tests/test_layout.py LAYERS (see ARCHITECTURE.md)",
+                "ent/services/agent.py:1 (services) imports ent.services.gateway (services): services may use "
+                "basics, capture, hostconfig, legs, observability, protocols, service support",
+                "ent/tun.py:2 (capture) imports ent.services (service support): capture may use "
+                "basics, hostconfig, observability",
+                "ent/tun.py:2 (capture) imports ent.services.agent (services): capture may use "
+                "basics, hostconfig, observability",
+            ],
+        )
 
 
 # A relative path in a document that starts with one of the repository's

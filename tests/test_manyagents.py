@@ -42,8 +42,9 @@ except socket.timeout:
 class SharedGatewayTests(unittest.TestCase):
     def setUp(self):
         requireRoot(self)
-        self.tunnels = TwoTunnels(self, sharedGateways=True,
-                                  extraArgs=lambda host, name: METRICS if host.startswith("gw") else ())
+        self.tunnels = TwoTunnels(
+            self, sharedGateways=True, extraArgs=lambda host, name: METRICS if host.startswith("gw") else ()
+        )
         self.t = self.tunnels.topology
 
     def assertEchoes(self, name):
@@ -51,8 +52,9 @@ class SharedGatewayTests(unittest.TestCase):
         self.assertTrue(passed, f"tunnel {name}: {output}\n{self.tunnels.logs()}")
 
     def status(self, host):
-        result = self.t.exec(host, sys.executable, "-m", "ent", "status",
-                             "--metrics", f"127.0.0.1:{METRICS_PORT}", timeout=30)
+        result = self.t.exec(
+            host, sys.executable, "-m", "ent", "status", "--metrics", f"127.0.0.1:{METRICS_PORT}", timeout=30
+        )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         return result.stdout
 
@@ -71,14 +73,17 @@ class SharedGatewayTests(unittest.TestCase):
 
         # An impostor claiming tunnel a's client address is refused; the
         # owner carries on.
-        impostor = self.t.exec("client", sys.executable, "-c", IMPOSTOR, ADDRESS["gw1.agent"],
-                               str(TUNNELS["a"][5]), timeout=30)
+        impostor = self.t.exec(
+            "client", sys.executable, "-c", IMPOSTOR, ADDRESS["gw1.agent"], str(TUNNELS["a"][5]), timeout=30
+        )
         self.assertEqual(impostor.stdout.strip(), "closed", impostor.stderr)
         log = open(f"{self.t.logdir}/gw1-a.log").read()
-        self.assertRegex(log, r"agent 10\.1\.0\.1:\d+ refused: it sends from 192\.168\.0\.1, "
-                              r"which 10\.1\.0\.1:\d+ owns")
-        self.assertEqual(scrapeIn(self.t, "gw1").value(
-            "ent_dropped_total", leg="agent", reason="address_in_use"), 1)
+        self.assertRegex(
+            log,
+            r"agent 10\.1\.0\.1:\d+ refused: it sends from 192\.168\.0\.1, "
+            r"which 10\.1\.0\.1:\d+ owns",
+        )
+        self.assertEqual(scrapeIn(self.t, "gw1").value("ent_dropped_total", leg="agent", reason="address_in_use"), 1)
         self.assertEchoes("a")
 
         # A stopped agent frees its address: its restart is not refused.
@@ -123,18 +128,34 @@ class AllowedIpsTests(unittest.TestCase):
         for name in TUNNELS:
             passed, output = self.tunnels.echo(name)
             self.assertTrue(passed, f"tunnel {name}: {output}\n{self.tunnels.logs()}")
-        status = self.t.exec("gw2", sys.executable, "-m", "ent", "status",
-                             "--metrics", f"127.0.0.1:{METRICS_PORT}", timeout=30).stdout
+        status = self.t.exec(
+            "gw2", sys.executable, "-m", "ent", "status", "--metrics", f"127.0.0.1:{METRICS_PORT}", timeout=30
+        ).stdout
         self.assertRegex(status, r"agent +10\.3\.0\.2:\d+ +server-a +192\.168\.0\.254/32 ")
         self.assertRegex(status, r"agent +10\.3\.0\.2:\d+ +server-b +192\.168\.1\.254/32 ")
         # One more agent presenting client-a's certificate is refused.
-        self.t.twistd("client", "enta", "--tun-name", "tun2", "--dport", "9",
-                      "--tun-addr", "192.168.2.1/24", "--peer-addr", "192.168.2.254",
-                      "--entg-connect", f"{ADDRESS['gw1.agent']}:{TUNNELS['a'][5]}",
-                      *tlsArgs(self.dir, "client-a", "--entg-tls"), name="client-twin")
+        self.t.twistd(
+            "client",
+            "enta",
+            "--tun-name",
+            "tun2",
+            "--dport",
+            "9",
+            "--tun-addr",
+            "192.168.2.1/24",
+            "--peer-addr",
+            "192.168.2.254",
+            "--entg-connect",
+            f"{ADDRESS['gw1.agent']}:{TUNNELS['a'][5]}",
+            *tlsArgs(self.dir, "client-a", "--entg-tls"),
+            name="client-twin",
+        )
         log = f"{self.t.logdir}/gw1-a.log"
         self.t.waitFor(lambda: "refused: 192.168.0.1/32 belongs to" in open(log).read(), timeout=20)
-        self.assertRegex(open(log).read(), r"agent 10\.1\.0\.1:\d+ \(client-a\) refused: 192\.168\.0\.1/32 "
-                                           r"belongs to 10\.1\.0\.1:\d+ \(client-a\)")
+        self.assertRegex(
+            open(log).read(),
+            r"agent 10\.1\.0\.1:\d+ \(client-a\) refused: 192\.168\.0\.1/32 "
+            r"belongs to 10\.1\.0\.1:\d+ \(client-a\)",
+        )
         passed, output = self.tunnels.echo("a")
         self.assertTrue(passed, output + self.tunnels.logs())

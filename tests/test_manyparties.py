@@ -79,8 +79,9 @@ class Parties:
         self.testCase = testCase
 
     def echoServer(self, host):
-        return self.topology.start(host, sys.executable, ECHOSVR, "server", "--host", "0.0.0.0",
-                                   "--port", "7", name=f"{host}-echo")
+        return self.topology.start(
+            host, sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7", name=f"{host}-echo"
+        )
 
     def gateway(self, host, *args):
         return self.topology.twistd(host, "entg", "--enta-listen", "6980", *args, *METRICS)
@@ -91,9 +92,19 @@ class Parties:
         towards C{peerAddress}, or (C{replay}) replays to port 7.
         """
         role = ["--replay", "7"] if replay else ["--dport", "7"]
-        return self.topology.twistd(host, "enta", *role, "--tun-addr", f"{tunAddress}/24",
-                                    "--peer-addr", peerAddress, "--entg-connect", f"{gateway}:6980",
-                                    *args, name=name)
+        return self.topology.twistd(
+            host,
+            "enta",
+            *role,
+            "--tun-addr",
+            f"{tunAddress}/24",
+            "--peer-addr",
+            peerAddress,
+            "--entg-connect",
+            f"{gateway}:6980",
+            *args,
+            name=name,
+        )
 
     def waitPing(self, host, address, timeout=30):
         ping = lambda: self.topology.exec(host, "ping", "-c", "1", "-W", "1", address).returncode == 0
@@ -113,8 +124,19 @@ class Parties:
             raise AssertionError(f"{name}.log never matched {pattern!r}; logs:\n{self.logs()}")
 
     def echoCommand(self, host, size, timeout=60):
-        return [sys.executable, ECHOSVR, "client", "--host", host, "--port", "7",
-                "--bytes", str(size), "--timeout", str(timeout)]
+        return [
+            sys.executable,
+            ECHOSVR,
+            "client",
+            "--host",
+            host,
+            "--port",
+            "7",
+            "--bytes",
+            str(size),
+            "--timeout",
+            str(timeout),
+        ]
 
     def assertEchoed(self, output, size):
         sent, back = sha256s(output)
@@ -132,8 +154,11 @@ class Parties:
 
     def logs(self):
         import glob
-        return "\n".join(f"--- {path}\n" + open(path, errors="replace").read()[-3000:]
-                         for path in sorted(glob.glob(f"{self.topology.logdir}/*.log")))
+
+        return "\n".join(
+            f"--- {path}\n" + open(path, errors="replace").read()[-3000:]
+            for path in sorted(glob.glob(f"{self.topology.logdir}/*.log"))
+        )
 
 
 class ManyAgentsTests(unittest.TestCase):
@@ -143,8 +168,7 @@ class ManyAgentsTests(unittest.TestCase):
     """
 
     def setUp(self):
-        links = (*clientLinks(4), ("gw1", "10.2.0.1", "gw2", "10.2.0.2"),
-                 ("gw2", "10.3.0.1", "server", "10.3.0.2"))
+        links = (*clientLinks(4), ("gw1", "10.2.0.1", "gw2", "10.2.0.2"), ("gw2", "10.3.0.1", "server", "10.3.0.2"))
         self.p = p = Parties(self, ("c1", "c2", "c3", "c4", "gw1", "gw2", "server"), links)
         p.echoServer("server")
         p.gateway("gw2", "--entg-listen", "6979")
@@ -161,8 +185,9 @@ class ManyAgentsTests(unittest.TestCase):
         server sees the three tunnel addresses.
         """
         t = self.p.topology
-        transfers = {f"c{i}": t.start(f"c{i}", *self.p.echoCommand("10.3.0.2", MB5), name=f"c{i}-transfer")
-                     for i in (1, 2, 3)}
+        transfers = {
+            f"c{i}": t.start(f"c{i}", *self.p.echoCommand("10.3.0.2", MB5), name=f"c{i}-transfer") for i in (1, 2, 3)
+        }
         for host, process in transfers.items():
             self.assertEqual(process.wait(timeout=90), 0, self.p.logs())
         for host in transfers:
@@ -182,8 +207,11 @@ class ManyAgentsTests(unittest.TestCase):
         paced = t.start("c1", sys.executable, "-c", PACED, "10.3.0.2", name="c1-paced")
         p.waitLog("c1-paced", "first echo")
         p.agent("c4", "192.168.0.1", "192.168.0.254", "10.1.4.2", "--announce", name="c4-impostor")
-        refusal = p.waitLog("gw1-entg", r"agent 10\.1\.4\.1:\d+ refused: it sends from 192\.168\.0\.1, "
-                                        r"which 10\.1\.1\.1:\d+ owns")
+        refusal = p.waitLog(
+            "gw1-entg",
+            r"agent 10\.1\.4\.1:\d+ refused: it sends from 192\.168\.0\.1, "
+            r"which 10\.1\.1\.1:\d+ owns",
+        )
         self.assertIsNone(paced.poll(), "the transfer was over before the refusal: nothing was shown")
         self.assertEqual(paced.wait(timeout=60), 0, p.logs())
         output = p.log("c1-paced")
@@ -201,15 +229,25 @@ class TwoPeerGatewaysTests(unittest.TestCase):
     """
 
     def setUp(self):
-        links = (*clientLinks(2), ("gw1", "10.2.0.1", "gw2", "10.2.0.2"), ("gw1", "10.4.0.1", "gw3", "10.4.0.2"),
-                 ("gw2", "10.3.0.1", "s254", "10.3.0.2"), ("gw3", "10.5.0.1", "s253", "10.5.0.2"))
+        links = (
+            *clientLinks(2),
+            ("gw1", "10.2.0.1", "gw2", "10.2.0.2"),
+            ("gw1", "10.4.0.1", "gw3", "10.4.0.2"),
+            ("gw2", "10.3.0.1", "s254", "10.3.0.2"),
+            ("gw3", "10.5.0.1", "s253", "10.5.0.2"),
+        )
         self.p = p = Parties(self, ("c1", "c2", "gw1", "gw2", "gw3", "s254", "s253"), links)
         for server in ("s254", "s253"):
             p.echoServer(server)
         p.gateway("gw2", "--entg-listen", "6979")
         p.gateway("gw3", "--entg-listen", "6979")
-        p.gateway("gw1", "--entg-connect", "10.2.0.2:6979=192.168.0.254/32",
-                  "--entg-connect", "10.4.0.2:6979=192.168.0.253/32")
+        p.gateway(
+            "gw1",
+            "--entg-connect",
+            "10.2.0.2:6979=192.168.0.254/32",
+            "--entg-connect",
+            "10.4.0.2:6979=192.168.0.253/32",
+        )
         p.agent("s254", "192.168.0.254", "192.168.0.1", "10.3.0.1", replay=True)
         p.agent("s253", "192.168.0.253", "192.168.0.2", "10.5.0.1", replay=True)
         p.agent("c1", "192.168.0.1", "192.168.0.254", "10.1.1.2")
@@ -236,8 +274,7 @@ class TwoPeerGatewaysTests(unittest.TestCase):
         self.assertRegex(status, r"peer +10\.4\.0\.2:6979 +- +192\.168\.0\.253/32 ")
         self.assertEqual(p.dropped("gw1", "no_route"), 0)
         # Nothing of it went on from one peer to the other.
-        self.assertEqual(scrapeIn(p.topology, "gw1").value("ent_dropped_total", leg="peer",
-                                                           reason="peer_to_peer"), 0)
+        self.assertEqual(scrapeIn(p.topology, "gw1").value("ent_dropped_total", leg="peer", reason="peer_to_peer"), 0)
 
 
 class AllowedIpsOnTlsTests(unittest.TestCase):
@@ -248,8 +285,7 @@ class AllowedIpsOnTlsTests(unittest.TestCase):
     """
 
     def setUp(self):
-        links = (*clientLinks(2), ("gw1", "10.2.0.1", "gw2", "10.2.0.2"),
-                 ("gw2", "10.3.0.1", "server", "10.3.0.2"))
+        links = (*clientLinks(2), ("gw1", "10.2.0.1", "gw2", "10.2.0.2"), ("gw2", "10.3.0.1", "server", "10.3.0.2"))
         self.p = p = Parties(self, ("c1", "c2", "gw1", "gw2", "server"), links)
         self.dir = d = tempfile.mkdtemp(prefix="ent-parties-tls-")
         ca = certs.makeCa(d)
@@ -258,12 +294,25 @@ class AllowedIpsOnTlsTests(unittest.TestCase):
             certs.makeCertificate(d, name, [], ca)
         p.echoServer("server")
         p.gateway("gw2", "--entg-listen", "6979")
-        p.gateway("gw1", "--entg-connect", "10.2.0.2:6979", *tlsArgs(d, "gw1", "--enta-tls"),
-                  "--allowed-ips", "client-a=192.168.0.1/32")
+        p.gateway(
+            "gw1",
+            "--entg-connect",
+            "10.2.0.2:6979",
+            *tlsArgs(d, "gw1", "--enta-tls"),
+            "--allowed-ips",
+            "client-a=192.168.0.1/32",
+        )
         p.agent("server", "192.168.0.254", "192.168.0.1", "10.3.0.1", replay=True)
         for host, name in (("c1", "client-a"), ("c2", "stranger")):
-            p.agent(host, f"192.168.0.{host[1]}", "192.168.0.254", f"10.1.{host[1]}.2",
-                    *tlsArgs(d, name, "--entg-tls"), "--entg-tls-name", "gw1")
+            p.agent(
+                host,
+                f"192.168.0.{host[1]}",
+                "192.168.0.254",
+                f"10.1.{host[1]}.2",
+                *tlsArgs(d, name, "--entg-tls"),
+                "--entg-tls-name",
+                "gw1",
+            )
 
     def test_unlistedRefusedAndForeignSourceDropped(self):
         p, t = self.p, self.p.topology

@@ -64,10 +64,17 @@ class DropReasonTests(unittest.TestCase):
     exposition under its own leg and reason.
     """
 
-    scenarios = ("framingErrorsOnTheGateway", "otherSideNotConnected", "routingOnTheGateway",
-                 "unlistedIdentityOnTheGateway", "badPacketsOnTheAgent",
-                 "tunSideDropsOnTheAgent", "connectionLimitOnTheRelay", "udpOnTheUserStack",
-                 "notIpv4OnTheUserStack")
+    scenarios = (
+        "framingErrorsOnTheGateway",
+        "otherSideNotConnected",
+        "routingOnTheGateway",
+        "unlistedIdentityOnTheGateway",
+        "badPacketsOnTheAgent",
+        "tunSideDropsOnTheAgent",
+        "connectionLimitOnTheRelay",
+        "udpOnTheUserStack",
+        "notIpv4OnTheUserStack",
+    )
 
     def gateway(self):
         clock = Clock()
@@ -124,8 +131,10 @@ class DropReasonTests(unittest.TestCase):
         cut.dataReceived(HEADER.pack(100) + b"x")
         cut.connectionLost(Failure(ConnectionDone()))
         return stats, {
-            ("agent", "zero_length_frame"): 1, ("agent", "oversize_frame"): 1,
-            ("peer", "stalled_partial_frame"): 1, ("agent", "partial_frame_cut_off"): 1,
+            ("agent", "zero_length_frame"): 1,
+            ("agent", "oversize_frame"): 1,
+            ("peer", "stalled_partial_frame"): 1,
+            ("agent", "partial_frame_cut_off"): 1,
         }
 
     def otherSideNotConnected(self):
@@ -145,8 +154,11 @@ class DropReasonTests(unittest.TestCase):
         p2.dataReceived(frame(packet("10.9.0.2", "10.9.0.1")))  # to peer p1
         b.dataReceived(frame(packet("10.0.0.1", "10.9.0.1")))  # a's address: b is refused
         return stats, {
-            ("agent", "no_route"): 1, ("agent", "agent_to_agent"): 1, ("peer", "no_route"): 1,
-            ("peer", "peer_to_peer"): 1, ("agent", "source_not_owned"): 1,
+            ("agent", "no_route"): 1,
+            ("agent", "agent_to_agent"): 1,
+            ("peer", "no_route"): 1,
+            ("peer", "peer_to_peer"): 1,
+            ("agent", "source_not_owned"): 1,
             ("agent", "address_in_use"): 1,
         }
 
@@ -163,14 +175,23 @@ class DropReasonTests(unittest.TestCase):
         agent = self.agent()
         link = GatewayLink(agent)
         link.makeConnection(StringTransport())
-        bad = [b"\x20" * 30, b"\x45\x00\x00", b"\x44" + ipv4(b"x" * 10)[1:], ipv4(b"x" * 10) + b"!",
-               ipv6()[:30], ipv6(b"abc")[:-1]]
+        bad = [
+            b"\x20" * 30,
+            b"\x45\x00\x00",
+            b"\x44" + ipv4(b"x" * 10)[1:],
+            ipv4(b"x" * 10) + b"!",
+            ipv6()[:30],
+            ipv6(b"abc")[:-1],
+        ]
         link.dataReceived(b"".join(frame(p) for p in bad))
         self.assertEqual(agent.tun.written, [])
         return agent.stats, {
-            ("gateway", "not_ip"): 1, ("gateway", "truncated_ipv4_header"): 1,
-            ("gateway", "bad_ipv4_header_length"): 1, ("gateway", "ipv4_length_mismatch"): 1,
-            ("gateway", "truncated_ipv6_header"): 1, ("gateway", "ipv6_length_mismatch"): 1,
+            ("gateway", "not_ip"): 1,
+            ("gateway", "truncated_ipv4_header"): 1,
+            ("gateway", "bad_ipv4_header_length"): 1,
+            ("gateway", "ipv4_length_mismatch"): 1,
+            ("gateway", "truncated_ipv6_header"): 1,
+            ("gateway", "ipv6_length_mismatch"): 1,
         }
 
     def tunSideDropsOnTheAgent(self):
@@ -180,9 +201,7 @@ class DropReasonTests(unittest.TestCase):
         agent.packetsFromLink([ipv4(b"b")] * 2)
         agent.tun = None
         agent.packetsFromLink([ipv4(b"c")])
-        return agent.stats, {
-            ("tun", "no_gateway"): 3, ("gateway", "tun_write_failed"): 2, ("gateway", "tun_closed"): 1,
-        }
+        return agent.stats, {("tun", "no_gateway"): 3, ("gateway", "tun_write_failed"): 2, ("gateway", "tun_closed"): 1}
 
     def connectionLimitOnTheRelay(self):
         stats = ServiceStats("ent-relay", Clock())
@@ -203,8 +222,9 @@ class DropReasonTests(unittest.TestCase):
 
         reactor = FakeReactor()
         stats = ServiceStats("enta", reactor)
-        udp = UdpFlows(SERVER_OWN, 1500, lambda packet: None, stats.drops, reactor,
-                       exposures=[parseExposure("53/udp")], maxFlows=1)
+        udp = UdpFlows(
+            SERVER_OWN, 1500, lambda packet: None, stats.drops, reactor, exposures=[parseExposure("53/udp")], maxFlows=1
+        )
         udp.packetFromTunnel(fromFar(b"x", 1000, 53, CLIENT, FAR, flags=0x2000))
         udp.packetFromTunnel(fromFar(b"x", 1000, 53, CLIENT, FAR)[:24])
         udp.packetFromTunnel(fromFar(b"x", 1000, 54, CLIENT, FAR))
@@ -213,8 +233,12 @@ class DropReasonTests(unittest.TestCase):
         reactor.udpPorts[0].protocol.datagramReceived(b"x" * 1500, ("127.0.0.1", 53))
         reactor.udpPorts[0].protocol.connectionRefused()
         return stats, {
-            ("gateway", "udp_fragment"): 1, ("gateway", "udp_malformed"): 1, ("gateway", "udp_unreachable"): 1,
-            ("gateway", "udp_flow_limit"): 1, ("tun", "udp_oversize"): 1, ("tun", "udp_send_failed"): 1,
+            ("gateway", "udp_fragment"): 1,
+            ("gateway", "udp_malformed"): 1,
+            ("gateway", "udp_unreachable"): 1,
+            ("gateway", "udp_flow_limit"): 1,
+            ("tun", "udp_oversize"): 1,
+            ("tun", "udp_send_failed"): 1,
         }
 
     def notIpv4OnTheUserStack(self):
@@ -226,8 +250,9 @@ class DropReasonTests(unittest.TestCase):
 
         reactor = MemoryReactorClock()
         stats = ServiceStats("enta", reactor)
-        stack = UserStack(ipaddress.IPv4Interface("192.168.0.1/24"), 1500, lambda packets, size: None,
-                          stats.drops, reactor)
+        stack = UserStack(
+            ipaddress.IPv4Interface("192.168.0.1/24"), 1500, lambda packets, size: None, stats.drops, reactor
+        )
         stack.start()
         self.addCleanup(stack.close)
         stack.writePackets([bytes([0x60]) + bytes(39)])
@@ -334,13 +359,17 @@ class MetricsHttpTests(unittest.TestCase):
         self.assertEqual(found.value("ent_gateway_legs", side="peer"), 1)
         self.assertEqual(found.value("ent_gateway_addresses", side="agent"), 1)
         listed = json.loads(await deferToThread(status.fetch, status.legsUrl(url), 5))
-        self.assertEqual([(leg["side"], leg["identity"]) for leg in listed],
-                         [("agent", "client"), ("agent", "-"), ("peer", "-")])
+        self.assertEqual(
+            [(leg["side"], leg["identity"]) for leg in listed], [("agent", "client"), ("agent", "-"), ("peer", "-")]
+        )
         lines, code = status.summary(found, url, legs=listed)
         text = "\n".join(lines)
         self.assertIn("2 agents, 1 peer", text)
-        self.assertRegex(text, r"agent +\S+ +client +192\.168\.0\.1 +up 0:00:00; in 1 packet \(25 B\), "
-                               r"out 0 packets")
+        self.assertRegex(
+            text,
+            r"agent +\S+ +client +192\.168\.0\.1 +up 0:00:00; in 1 packet \(25 B\), "
+            r"out 0 packets",
+        )
         self.assertRegex(text, r"peer .*in 0 packets \(0 B\), out 1 packet \(25 B\)")
         many = status.legLines([dict(listed[0], peer=f"10.1.0.{i}:1") for i in range(60)])
         self.assertEqual(len(many), 1 + status.MAX_LEGS_SHOWN + 1)
@@ -397,8 +426,13 @@ class JsonLogTests(unittest.TestCase):
     def test_structuredFieldsAndFailures(self):
         out = io.StringIO()
         log = Logger(namespace="ent.test", observer=JsonLinesObserver(out))
-        log.warn("lost {leg} {peer}: {reason}", leg="gateway", peer="10.1.0.2:6980",
-                 reason="Connection refused", where=object())
+        log.warn(
+            "lost {leg} {peer}: {reason}",
+            leg="gateway",
+            peer="10.1.0.2:6980",
+            reason="Connection refused",
+            where=object(),
+        )
         try:
             1 / 0
         except ZeroDivisionError:
@@ -407,8 +441,9 @@ class JsonLogTests(unittest.TestCase):
         self.assertEqual(first["level"], "warn")
         self.assertEqual(first["namespace"], "ent.test")
         self.assertEqual(first["message"], "lost gateway 10.1.0.2:6980: Connection refused")
-        self.assertEqual((first["leg"], first["peer"], first["reason"]),
-                         ("gateway", "10.1.0.2:6980", "Connection refused"))
+        self.assertEqual(
+            (first["leg"], first["peer"], first["reason"]), ("gateway", "10.1.0.2:6980", "Connection refused")
+        )
         self.assertTrue(first["where"].startswith("<object object"))
         self.assertRegex(first["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
         self.assertEqual(second["level"], "critical")
@@ -417,8 +452,16 @@ class JsonLogTests(unittest.TestCase):
         self.assertIn("division by zero", second["error"])
 
     def test_levelsOfLegacyEvents(self):
-        record = eventAsRecord({"message": ("legacy",), "isError": 0, "system": "-", "log_time": 0,
-                                "log_format": "legacy", "log_level": LogLevel.info})
+        record = eventAsRecord(
+            {
+                "message": ("legacy",),
+                "isError": 0,
+                "system": "-",
+                "log_time": 0,
+                "log_format": "legacy",
+                "log_level": LogLevel.info,
+            }
+        )
         self.assertEqual((record["level"], record["message"]), ("info", "legacy"))
 
     def test_observerGoesWhereTwistdWouldWrite(self):
@@ -448,10 +491,13 @@ class CommandTests(unittest.TestCase):
 
 class ContainmentStatusTests(unittest.TestCase):
     def test_containmentDropsShown(self):
-        scrape = status.Scrape(EXAMPLE + (
-            "# TYPE ent_tunnel_dropped_total counter\n"
-            'ent_tunnel_dropped_total{hook="input"} 12.0\n'
-            'ent_tunnel_dropped_total{hook="forward"} 3.0\n'
-        ))
+        scrape = status.Scrape(
+            EXAMPLE
+            + (
+                "# TYPE ent_tunnel_dropped_total counter\n"
+                'ent_tunnel_dropped_total{hook="input"} 12.0\n'
+                'ent_tunnel_dropped_total{hook="forward"} 3.0\n'
+            )
+        )
         text = "\n".join(status.summary(scrape, "http://x/metrics", now=2000)[0])
         self.assertIn("containment       15 packets from the tunnel dropped (12 input, 3 forward)", text)

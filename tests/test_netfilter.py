@@ -78,11 +78,14 @@ class RulePlanTests(unittest.TestCase):
 
     def test_recordRoundTripsThroughTheComment(self):
         record = netfilter.AgentRecord(6979, 6980, 6981)
-        self.assertIn('comment "ent-agent route-table=6979 priority=6980 gateway-port=6981"',
-                      netfilter.rulesFor(capture((7,), record)))
+        self.assertIn(
+            'comment "ent-agent route-table=6979 priority=6980 gateway-port=6981"',
+            netfilter.rulesFor(capture((7,), record)),
+        )
         self.assertEqual(netfilter.AgentRecord.fromComment(record.comment()), record)
-        self.assertEqual(netfilter.AgentRecord.fromComment("ent-agent gateway-port=6980"),
-                         netfilter.AgentRecord(gatewayPort=6980))
+        self.assertEqual(
+            netfilter.AgentRecord.fromComment("ent-agent gateway-port=6980"), netfilter.AgentRecord(gatewayPort=6980)
+        )
         self.assertIsNone(netfilter.AgentRecord.fromComment("the user's own"))
 
 
@@ -92,26 +95,35 @@ class ServiceRulesTests(unittest.TestCase):
     """
 
     def test_mappingsEachToItsOwnPlace(self):
-        mappings = tuple(map(parseMapping, ["10.3.0.2:80=192.168.0.254:80", "53/udp=192.168.0.254:53",
-                                            "7=192.168.0.254:7"]))
+        mappings = tuple(
+            map(parseMapping, ["10.3.0.2:80=192.168.0.254:80", "53/udp=192.168.0.254:53", "7=192.168.0.254:7"])
+        )
         rules = netfilter.rulesFor(netfilter.AgentPlan("tun0", "192.168.0.1", mappings))
-        self.assertEqual(lines(rules, "output"), [
-            'oifname "tun0" ip daddr 10.3.0.2 tcp dport 80 dnat to 192.168.0.254:80',
-            'oifname "tun0" udp dport 53 dnat to 192.168.0.254:53',
-            'oifname "tun0" tcp dport 7 dnat to 192.168.0.254:7',
-        ])
+        self.assertEqual(
+            lines(rules, "output"),
+            [
+                'oifname "tun0" ip daddr 10.3.0.2 tcp dport 80 dnat to 192.168.0.254:80',
+                'oifname "tun0" udp dport 53 dnat to 192.168.0.254:53',
+                'oifname "tun0" tcp dport 7 dnat to 192.168.0.254:7',
+            ],
+        )
         self.assertNotIn("prerouting", rules)
 
     def test_clientAcceptsNothingNewFromTheTunnel(self):
         rules = netfilter.rulesFor(capture((7,)))
         self.assertEqual(lines(rules, "input"), ['iifname "tun0" jump from_tunnel'])
-        self.assertEqual(lines(rules, "from_tunnel"), [
-            "ct state established,related accept",
-            "ip daddr 192.168.0.1 icmp type echo-request accept",
-            'counter name "input_dropped" drop comment "ent-agent"',
-        ])
-        self.assertEqual(lines(rules, "through_tunnel"),
-                         ["ct state established,related accept", 'counter name "forward_dropped" drop'])
+        self.assertEqual(
+            lines(rules, "from_tunnel"),
+            [
+                "ct state established,related accept",
+                "ip daddr 192.168.0.1 icmp type echo-request accept",
+                'counter name "input_dropped" drop comment "ent-agent"',
+            ],
+        )
+        self.assertEqual(
+            lines(rules, "through_tunnel"),
+            ["ct state established,related accept", 'counter name "forward_dropped" drop'],
+        )
         self.assertIn("counter input_dropped { }", rules)
 
     def test_serverAcceptsOnlyExposedPorts(self):
@@ -121,16 +133,19 @@ class ServiceRulesTests(unittest.TestCase):
         """
         exposures = tuple(map(parseExposure, ["80=8080", "7", "53/udp=5353"]))
         rules = netfilter.rulesFor(netfilter.AgentPlan("tun0", "192.168.0.254", (), exposures))
-        self.assertEqual(lines(rules, "prerouting"), [
-            'iifname "tun0" tcp dport 80 redirect to :8080',
-            'iifname "tun0" udp dport 53 redirect to :5353',
-        ])
-        self.assertEqual(lines(rules, "from_tunnel")[:4], [
-            "ct state established,related accept",
-            "ct original ip daddr 192.168.0.254 meta l4proto tcp ct original proto-dst 80 accept",
-            "ct original ip daddr 192.168.0.254 meta l4proto tcp ct original proto-dst 7 accept",
-            "ct original ip daddr 192.168.0.254 meta l4proto udp ct original proto-dst 53 accept",
-        ])
+        self.assertEqual(
+            lines(rules, "prerouting"),
+            ['iifname "tun0" tcp dport 80 redirect to :8080', 'iifname "tun0" udp dport 53 redirect to :5353'],
+        )
+        self.assertEqual(
+            lines(rules, "from_tunnel")[:4],
+            [
+                "ct state established,related accept",
+                "ct original ip daddr 192.168.0.254 meta l4proto tcp ct original proto-dst 80 accept",
+                "ct original ip daddr 192.168.0.254 meta l4proto tcp ct original proto-dst 7 accept",
+                "ct original ip daddr 192.168.0.254 meta l4proto udp ct original proto-dst 53 accept",
+            ],
+        )
         self.assertNotIn("fail_closed", rules)
         self.assertNotIn("masquerade", rules)
 
@@ -139,12 +154,13 @@ class ServiceRulesTests(unittest.TestCase):
         rules = netfilter.rulesFor(plan)
         self.assertEqual(lines(rules, "prerouting"), ['iifname "tun0" tcp dport 443 dnat to 10.9.0.5:8443'])
         self.assertEqual(lines(rules, "postrouting"), ['iifname "tun0" ct status dnat masquerade'])
-        self.assertIn("ct original ip daddr 192.168.0.254 meta l4proto tcp ct original proto-dst 443 accept",
-                      lines(rules, "through_tunnel"))
+        self.assertIn(
+            "ct original ip daddr 192.168.0.254 meta l4proto tcp ct original proto-dst 443 accept",
+            lines(rules, "through_tunnel"),
+        )
 
     def test_captureFromAnInterface(self):
-        plan = netfilter.AgentPlan("tun0", "192.168.0.1", (parseMapping("7=192.168.0.254:7"),),
-                                   captureFrom=("veth-c",))
+        plan = netfilter.AgentPlan("tun0", "192.168.0.1", (parseMapping("7=192.168.0.254:7"),), captureFrom=("veth-c",))
         rules = netfilter.rulesFor(plan)
         self.assertEqual(lines(rules, "prerouting"), ['iifname "veth-c" tcp dport 7 dnat to 192.168.0.254:7'])
         self.assertEqual(lines(rules, "postrouting"), ['iifname "veth-c" oifname "tun0" masquerade'])
@@ -163,6 +179,8 @@ class ServiceRulesTests(unittest.TestCase):
         self.assertEqual(lines(rules, "leaving"), ['oifname "tun0" jump fail_closed'])
         self.assertIn('oifname "tun0" jump fail_closed', lines(rules, "forward"))
         self.assertEqual(netfilter.gatewayCommand("tun0", True), ["flush chain ip ent_tun0 fail_closed"])
-        down, = netfilter.gatewayCommand("tun0", False)
-        self.assertEqual(down.split("; "), ["flush chain ip ent_tun0 fail_closed"] +
-                         [f"add rule ip ent_tun0 fail_closed {rule}" for rule in refuse])
+        (down,) = netfilter.gatewayCommand("tun0", False)
+        self.assertEqual(
+            down.split("; "),
+            ["flush chain ip ent_tun0 fail_closed"] + [f"add rule ip ent_tun0 fail_closed {rule}" for rule in refuse],
+        )

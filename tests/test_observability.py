@@ -79,9 +79,15 @@ class TunnelMetricsTests(unittest.TestCase):
         Scrape every host until two rounds agree: the in-flight packets of
         the last transfer are counted everywhere by then.
         """
+
         def counts():
-            return {h: [(s.name, tuple(sorted(s.labels.items())), s.value)
-                        for s in scrapeIn(self.t, h).find("ent_leg_packets_total")] for h in HOSTS}
+            return {
+                h: [
+                    (s.name, tuple(sorted(s.labels.items())), s.value)
+                    for s in scrapeIn(self.t, h).find("ent_leg_packets_total")
+                ]
+                for h in HOSTS
+            }
 
         last = counts()
         for _ in range(20):
@@ -129,8 +135,10 @@ class TunnelMetricsTests(unittest.TestCase):
             self.assertEqual(scrape.value("ent_leg_packets_total", leg="gateway", direction="sent"), read)
             self.assertEqual(scrape.value("ent_tun_read_batch_packets_sum"), read)
             self.assertGreater(scrape.value("ent_tun_read_batch_packets_count"), 0)
-            self.assertEqual(scrape.value("ent_tun_packets_total", direction="written"),
-                             scrape.value("ent_leg_packets_total", leg="gateway", direction="received"))
+            self.assertEqual(
+                scrape.value("ent_tun_packets_total", direction="written"),
+                scrape.value("ent_leg_packets_total", leg="gateway", direction="received"),
+            )
             self.assertEqual(scrape.find("ent_dropped_total"), [])
         for host in HOSTS:
             code, output = statusIn(self.t, host)
@@ -151,8 +159,7 @@ class TunnelMetricsTests(unittest.TestCase):
         t.stop(tunnel.services["gw1"])
         t.waitFor(lambda: scrapeIn(t, "client").value("ent_leg_up", leg="gateway") == 0)
         # Its retries are refused while nothing listens, and counted.
-        t.waitFor(lambda: scrapeIn(t, "client").value("ent_leg_connect_failures_total", leg="gateway") >= 1,
-                  timeout=20)
+        t.waitFor(lambda: scrapeIn(t, "client").value("ent_leg_connect_failures_total", leg="gateway") >= 1, timeout=20)
         code, output = statusIn(t, "client")
         self.assertEqual(code, 1, output)
         self.assertIn("status: DEGRADED (down: gateway)", output)
@@ -172,11 +179,20 @@ class TunnelMetricsTests(unittest.TestCase):
         t.waitFor(lambda: "agent dropped us" in open(fakeLog).read(), timeout=40)
         fake.wait(10)
         client = scrapeIn(t, "client")
-        for reason in ("not_ip", "truncated_ipv4_header", "ipv4_length_mismatch", "truncated_ipv6_header",
-                       "ipv6_length_mismatch", "zero_length_frame"):
+        for reason in (
+            "not_ip",
+            "truncated_ipv4_header",
+            "ipv4_length_mismatch",
+            "truncated_ipv6_header",
+            "ipv6_length_mismatch",
+            "zero_length_frame",
+        ):
             self.assertEqual(client.value("ent_dropped_total", leg="gateway", reason=reason), 1, reason)
-        self.assertEqual(client.value("ent_tun_packets_total", direction="written"), writtenBefore,
-                         "nothing malformed reaches the TUN")
+        self.assertEqual(
+            client.value("ent_tun_packets_total", direction="written"),
+            writtenBefore,
+            "nothing malformed reaches the TUN",
+        )
 
         tunnel.startService("gw1")
         t.waitFor(tunnel.tunnelUp, timeout=40)
@@ -187,8 +203,7 @@ class TunnelMetricsTests(unittest.TestCase):
         # An oversize frame to the real gateway: it drops that connection
         # (the agent it displaced comes back by itself).
         t.exec("client", sys.executable, "-c", OVERSIZE_FRAME, ADDRESS["gw1.agent"], timeout=30)
-        t.waitFor(lambda: scrapeIn(t, "gw1").value(
-            "ent_dropped_total", leg="agent", reason="oversize_frame") == 1)
+        t.waitFor(lambda: scrapeIn(t, "gw1").value("ent_dropped_total", leg="agent", reason="oversize_frame") == 1)
         t.waitFor(tunnel.tunnelUp, timeout=40)
         echo = tunnel.echoClient(100_000)
         self.assertEqual(echo.returncode, 0, echo.stdout + tunnel.logs())
@@ -202,8 +217,9 @@ class TunnelMetricsTests(unittest.TestCase):
         self.assertEqual(drops["zero_length_frame"]["description"], "frame of length 0 (connection dropped)")
         lost = [r for r in records if r["message"].startswith("lost gateway")]
         self.assertTrue(lost)
-        self.assertEqual((lost[0]["leg"], lost[0]["peer"], lost[0]["level"]),
-                         ("gateway", f"{ADDRESS['gw1.agent']}:6980", "warn"))
+        self.assertEqual(
+            (lost[0]["leg"], lost[0]["peer"], lost[0]["level"]), ("gateway", f"{ADDRESS['gw1.agent']}:6980", "warn")
+        )
         framing = [r for r in records if r.get("reason") == "frame with length 0"]
         self.assertEqual(framing[0]["level"], "error")
         self.assertEqual(tunnel.leftovers(), {})
@@ -216,14 +232,30 @@ class MetricsStartupTests(unittest.TestCase):
         tunnel.topology.__enter__()
         self.addCleanup(tunnel.__exit__, None, None, None)
         t = tunnel.topology
-        blocker = t.start("client", sys.executable, "-c",
-                          f"import socket, time; s = socket.create_server(('127.0.0.1', {METRICS_PORT})); "
-                          "print('bound', flush=True); time.sleep(60)", name="blocker")
+        blocker = t.start(
+            "client",
+            sys.executable,
+            "-c",
+            f"import socket, time; s = socket.create_server(('127.0.0.1', {METRICS_PORT})); "
+            "print('bound', flush=True); time.sleep(60)",
+            name="blocker",
+        )
         t.waitFor(lambda: "bound" in open(os.path.join(tunnel.logdir, "blocker.log")).read())
         from ent.testing.topology import twistdCommand
 
-        result = t.exec("client", *twistdCommand(), "-n", "--pidfile=", "enta", "--dport", "7",
-                        "--entg-connect", f"{ADDRESS['gw1.agent']}:6980", *METRICS, timeout=60)
+        result = t.exec(
+            "client",
+            *twistdCommand(),
+            "-n",
+            "--pidfile=",
+            "enta",
+            "--dport",
+            "7",
+            "--entg-connect",
+            f"{ADDRESS['gw1.agent']}:6980",
+            *METRICS,
+            timeout=60,
+        )
         output = result.stdout + result.stderr
         self.assertNotEqual(result.returncode, 0, output)
         self.assertIn(f"enta: cannot start: Couldn't listen on 127.0.0.1:{METRICS_PORT}", output)

@@ -59,8 +59,7 @@ class EntaOptionsTests(unittest.TestCase):
         self.assertEqual(o["dports"], (7, 8, 9))
 
     def test_engTunAddrAndMask(self):
-        o = enta("--dport", "7", "--tun-addr", "10.8.0.1", "--tun-mask", "255.255.0.0",
-                 "--peer-addr", "10.8.0.2")
+        o = enta("--dport", "7", "--tun-addr", "10.8.0.1", "--tun-mask", "255.255.0.0", "--peer-addr", "10.8.0.2")
         self.assertEqual(o["tun-interface"], ipaddress.IPv4Interface("10.8.0.1/16"))
         o = enta("--dport", "7", "--tun-addr", "192.168.0.1/16")
         self.assertEqual(o["tun-interface"].network.prefixlen, 16)
@@ -101,12 +100,15 @@ class EntaOptionsTests(unittest.TestCase):
         to the gateway into the tunnel, wherever the gateway is.
         """
         for connect in ("10.1.0.2:6980", "tcp:host=10.1.0.2:port=6980", "tls:gw.example:6980"):
-            self.assertRefused(["--dport", "7,6980", "--entg-connect", connect],
-                               "--dport 6980 is the gateway's port (--entg-connect): capturing it would loop")
+            self.assertRefused(
+                ["--dport", "7,6980", "--entg-connect", connect],
+                "--dport 6980 is the gateway's port (--entg-connect): capturing it would loop",
+            )
         self.assertRefused(["--dport", "6980"], "--dport 6980 is the gateway's port")
         for metrics in ("9100", "127.0.0.1:9100", "tcp:9100:interface=127.0.0.1"):
-            self.assertRefused(["--dport", "9100", "--metrics", metrics],
-                               "--dport 9100 is the --metrics port: capturing it would loop")
+            self.assertRefused(
+                ["--dport", "9100", "--metrics", metrics], "--dport 9100 is the --metrics port: capturing it would loop"
+            )
         self.assertEqual(enta("--dport", "7", "--entg-connect", "vsock:3:7")["gateway-port"], None)
 
     def test_unknownFlag(self):
@@ -115,8 +117,10 @@ class EntaOptionsTests(unittest.TestCase):
     def test_userStackClient(self):
         o = enta("--stack", "user", "--listen", "7007=192.168.0.254:6978", "--listen", "10.0.0.5:80=192.168.0.9:80")
         self.assertEqual(o["role"], "capture")
-        self.assertEqual([(m.address, m.port, m.tunAddress, m.tunPort) for m in o["listens"]],
-                         [("127.0.0.1", 7007, "192.168.0.254", 6978), ("10.0.0.5", 80, "192.168.0.9", 80)])
+        self.assertEqual(
+            [(m.address, m.port, m.tunAddress, m.tunPort) for m in o["listens"]],
+            [("127.0.0.1", 7007, "192.168.0.254", 6978), ("10.0.0.5", 80, "192.168.0.9", 80)],
+        )
         self.assertEqual(o["mappings"], ())
         self.assertEqual(o["mtu"], 65521)
         self.assertIsNone(o["route-table"])
@@ -135,12 +139,15 @@ class EntaOptionsTests(unittest.TestCase):
         self.assertRefused(["--listen", "7007=192.168.0.254:6978"], "needs --stack user")
         self.assertRefused(["--stack", "user", "--dport", "7"], "--dport captures with netfilter")
         self.assertRefused(["--stack", "user", "--map", "7=192.168.0.254:7"], "use --listen")
-        self.assertRefused(["--stack", "user", "--listen", "7=192.168.0.254:7", "--route-table", "100"],
-                           "--route-table is for the kernel's stack")
+        self.assertRefused(
+            ["--stack", "user", "--listen", "7=192.168.0.254:7", "--route-table", "100"],
+            "--route-table is for the kernel's stack",
+        )
         self.assertRefused(["--stack", "user", "--listen", "7=192.168.0.254:7", "--expose", "7"], "exclude")
         self.assertRefused(["--stack", "user", "--listen", "7=10.0.0.1:7"], "not a far agent's address")
-        self.assertRefused(["--stack", "user", "--listen", "7=192.168.0.254:7", "--listen", "7=192.168.0.9:7"],
-                           "same tcp port")
+        self.assertRefused(
+            ["--stack", "user", "--listen", "7=192.168.0.254:7", "--listen", "7=192.168.0.9:7"], "same tcp port"
+        )
         self.assertRefused(["--stack", "user", "--listen", "seven"], "--listen 'seven' is not")
 
 
@@ -165,42 +172,66 @@ class EntgOptionsTests(unittest.TestCase):
         self.assertEqual(o["entg-listen-security"].kind, "tcp")
 
     def test_severalPeers(self):
-        o = entg("--entg-connect", "10.2.0.2:6979=192.168.0.254/32",
-                 "--entg-connect", "gw3:6979=192.168.0.253,fd00::/64",
-                 "--entg-connect", "vsock:3:6979=10.0.0.0/8")
-        self.assertEqual([(p.description, p.routes) for p in o["entg-peers"]], [
-            ("10.2.0.2:6979", (ipaddress.ip_network("192.168.0.254/32"),)),
-            ("gw3:6979", (ipaddress.ip_network("192.168.0.253/32"), ipaddress.ip_network("fd00::/64"))),
-            ("vsock:3:6979", (ipaddress.ip_network("10.0.0.0/8"),)),
-        ])
+        o = entg(
+            "--entg-connect",
+            "10.2.0.2:6979=192.168.0.254/32",
+            "--entg-connect",
+            "gw3:6979=192.168.0.253,fd00::/64",
+            "--entg-connect",
+            "vsock:3:6979=10.0.0.0/8",
+        )
+        self.assertEqual(
+            [(p.description, p.routes) for p in o["entg-peers"]],
+            [
+                ("10.2.0.2:6979", (ipaddress.ip_network("192.168.0.254/32"),)),
+                ("gw3:6979", (ipaddress.ip_network("192.168.0.253/32"), ipaddress.ip_network("fd00::/64"))),
+                ("vsock:3:6979", (ipaddress.ip_network("10.0.0.0/8"),)),
+            ],
+        )
         self.assertEqual([p.security.kind for p in o["entg-peers"]], ["tcp"] * 3)
         self.assertEqual(o["entg-connect"], "10.2.0.2:6979")
         self.assertIsNone(o["entg-listen"])
 
     def test_endpointStringKeepsItsEquals(self):
         o = entg("--entg-connect", "tcp:host=10.2.0.2:port=6979")
-        self.assertEqual([(p.description, p.routes) for p in o["entg-peers"]],
-                         [("tcp:host=10.2.0.2:port=6979", ())])
+        self.assertEqual([(p.description, p.routes) for p in o["entg-peers"]], [("tcp:host=10.2.0.2:port=6979", ())])
 
     def test_severalPeersNameTheirCertificateHosts(self):
         cert, key, ca = emptyFiles(self, "c.pem", "c.key", "ca.pem")
-        o = entg("--entg-tls", "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca,
-                 "--entg-connect", "gw2:6979=192.168.0.254", "--entg-connect", "gw3:6979=192.168.0.253")
+        o = entg(
+            "--entg-tls",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--tls-ca",
+            ca,
+            "--entg-connect",
+            "gw2:6979=192.168.0.254",
+            "--entg-connect",
+            "gw3:6979=192.168.0.253",
+        )
         self.assertEqual([p.security.peerName for p in o["entg-peers"]], ["gw2", "gw3"])
 
     def test_peerRefusals(self):
         two = ("--entg-connect", "gw2:6979=192.168.0.254")
         for argv, message in (
-            (["--entg-connect", "gw2:6979", "--entg-connect", "gw3:6979=10.0.0.0/8"],
-             "--entg-connect 'gw2:6979' needs =PREFIX[,PREFIX...]: with several peers each names"),
-            ([*two, "--entg-connect", "gw3:6979=192.168.0.0/24"],
-             "--entg-connect 'gw3:6979=192.168.0.0/24': 192.168.0.0/24 overlaps 192.168.0.254/32 of gw2:6979"),
+            (
+                ["--entg-connect", "gw2:6979", "--entg-connect", "gw3:6979=10.0.0.0/8"],
+                "--entg-connect 'gw2:6979' needs =PREFIX[,PREFIX...]: with several peers each names",
+            ),
+            (
+                [*two, "--entg-connect", "gw3:6979=192.168.0.0/24"],
+                "--entg-connect 'gw3:6979=192.168.0.0/24': 192.168.0.0/24 overlaps 192.168.0.254/32 of gw2:6979",
+            ),
             ([*two, "--entg-connect", "gw2:6979=10.0.0.1"], "--entg-connect 'gw2:6979' is given twice"),
-            (["--entg-connect", "gw2:6979=10.0.0.1/8"], "--entg-connect 'gw2:6979=10.0.0.1/8': 10.0.0.1/8 has host bits"),
+            (
+                ["--entg-connect", "gw2:6979=10.0.0.1/8"],
+                "--entg-connect 'gw2:6979=10.0.0.1/8': 10.0.0.1/8 has host bits",
+            ),
             (["--entg-connect", "gw2:6979=ten"], "--entg-connect 'gw2:6979=ten'"),
             (["--entg-connect", "gw2:0=10.0.0.1"], "--entg-connect 'gw2:0': port 0 is out of range"),
-            ([*two, "--entg-connect", "gw3:6979=10.0.0.1", "--entg-tls-name", "gw"],
-             "--entg-tls-name names one peer"),
+            ([*two, "--entg-connect", "gw3:6979=10.0.0.1", "--entg-tls-name", "gw"], "--entg-tls-name names one peer"),
         ):
             e = self.assertRaises(usage.UsageError, entg, *argv)
             self.assertIn(message, str(e))
@@ -215,19 +246,30 @@ class EntgOptionsTests(unittest.TestCase):
     def test_allowedIps(self):
         cert, key, ca = emptyFiles(self, "c.pem", "c.key", "ca.pem")
         tls = ("--enta-tls", "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca)
-        o = entg(*tls, "--allowed-ips", "client=192.168.0.0/24,fd00::/64",
-                 "--allowed-ips", "10.1.0.1=192.168.1.1/32", "--agent-to-agent")
-        self.assertEqual(o["allowed-ips"], {
-            "client": (ipaddress.ip_network("192.168.0.0/24"), ipaddress.ip_network("fd00::/64")),
-            "10.1.0.1": (ipaddress.ip_network("192.168.1.1/32"),),
-        })
+        o = entg(
+            *tls,
+            "--allowed-ips",
+            "client=192.168.0.0/24,fd00::/64",
+            "--allowed-ips",
+            "10.1.0.1=192.168.1.1/32",
+            "--agent-to-agent",
+        )
+        self.assertEqual(
+            o["allowed-ips"],
+            {
+                "client": (ipaddress.ip_network("192.168.0.0/24"), ipaddress.ip_network("fd00::/64")),
+                "10.1.0.1": (ipaddress.ip_network("192.168.1.1/32"),),
+            },
+        )
         self.assertTrue(o["agent-to-agent"])
         self.assertEqual(entg()["allowed-ips"], {})
         for argv, message in (
             (["--allowed-ips", "client"], "give NAME=PREFIX"),
             (["--allowed-ips", "client=192.168.0.1/24"], "has host bits set"),
-            (["--allowed-ips", "a=10.0.0.0/8", "--allowed-ips", "b=10.1.0.0/16"],
-             "b: 10.1.0.0/16 overlaps 10.0.0.0/8 of a"),
+            (
+                ["--allowed-ips", "a=10.0.0.0/8", "--allowed-ips", "b=10.1.0.0/16"],
+                "b: 10.1.0.0/16 overlaps 10.0.0.0/8 of a",
+            ),
             (["--allowed-ips", "a=10.0.0.0/8", "--allowed-ips", "a=11.0.0.0/8"], "names a twice"),
         ):
             e = self.assertRaises(usage.UsageError, entg, *tls, *argv)
@@ -249,40 +291,73 @@ class SecurityOptionsTests(unittest.TestCase):
         e = self.assertRaises(usage.UsageError, enta, "--dport", "7", "--entg-tls")
         self.assertIn("a TLS leg needs --tls-cert, --tls-key, --tls-ca", str(e))
         cert, key, ca = self.files("c.pem", "c.key", "ca.pem")
-        o = enta("--dport", "7", "--entg-tls", "--entg-connect", "gw1.example:6980",
-                 "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca)
+        o = enta(
+            "--dport",
+            "7",
+            "--entg-tls",
+            "--entg-connect",
+            "gw1.example:6980",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--tls-ca",
+            ca,
+        )
         security = o["entg-security"]
         self.assertEqual((security.kind, security.peerName), ("tls", "gw1.example"))
         self.assertEqual(security.tlsFiles.ca, ca)
 
     def test_tlsNameOverride(self):
         cert, key, ca = self.files("c", "k", "a")
-        o = entg("--entg-tls", "--entg-connect", "10.2.0.2:6979", "--entg-tls-name", "gw2",
-                 "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca)
+        o = entg(
+            "--entg-tls",
+            "--entg-connect",
+            "10.2.0.2:6979",
+            "--entg-tls-name",
+            "gw2",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--tls-ca",
+            ca,
+        )
         self.assertEqual(o["entg-security"].peerName, "gw2")
         self.assertEqual(o["enta-security"].kind, "tcp")
 
     def test_ratsTlsRoleDefaultsAsEng(self):
         client = enta("--dport", "7", "--entg-rats-tls")["entg-security"].ratsTls
-        self.assertEqual((client.attester, client.verifier, client.server),
-                         ("nullattester", "sgx_ecdsa", False))
+        self.assertEqual((client.attester, client.verifier, client.server), ("nullattester", "sgx_ecdsa", False))
         server = entg("--enta-rats-tls")["enta-security"].ratsTls
-        self.assertEqual((server.attester, server.verifier, server.server),
-                         ("sgx_ecdsa", "nullverifier", True))
+        self.assertEqual((server.attester, server.verifier, server.server), ("sgx_ecdsa", "nullverifier", True))
 
     def test_ratsTlsPluginsNamed(self):
         [library] = self.files("librats_tls.so")
-        o = entg("--entg-rats-tls", "--entg-connect", "10.2.0.2:6979", "--attester", "nullattester",
-                 "--verifier", "nullverifier", "--mutual", "--rats-tls-lib", library)
+        o = entg(
+            "--entg-rats-tls",
+            "--entg-connect",
+            "10.2.0.2:6979",
+            "--attester",
+            "nullattester",
+            "--verifier",
+            "nullverifier",
+            "--mutual",
+            "--rats-tls-lib",
+            library,
+        )
         choice = o["entg-security"].ratsTls
-        self.assertEqual((choice.attester, choice.verifier, choice.mutual, choice.library),
-                         ("nullattester", "nullverifier", True, library))
+        self.assertEqual(
+            (choice.attester, choice.verifier, choice.mutual, choice.library),
+            ("nullattester", "nullverifier", True, library),
+        )
 
     def test_refusals(self):
         e = self.assertRaises(usage.UsageError, entg, "--enta-tls", "--enta-rats-tls")
         self.assertIn("exclude", str(e))
-        e = self.assertRaises(usage.UsageError, enta, "--dport", "7", "--entg-rats-tls",
-                              "--entg-connect", "tcp:host=a:port=1")
+        e = self.assertRaises(
+            usage.UsageError, enta, "--dport", "7", "--entg-rats-tls", "--entg-connect", "tcp:host=a:port=1"
+        )
         self.assertIn("needs HOST:PORT", str(e))
         e = self.assertRaises(usage.UsageError, entg, "--enta-rats-tls", "--rats-tls-log-level", "loud")
         self.assertIn("is not one of", str(e))

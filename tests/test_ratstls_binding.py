@@ -241,9 +241,7 @@ class LayoutTests(TestCase):
         """
         for layout in ("2022", "2025"):
             library = mock_library(layout)
-            conf = library.make_conf(
-                RatsTlsConfig(attester="nullattester", server=True, mutual=True, log_level=2)
-            )
+            conf = library.make_conf(RatsTlsConfig(attester="nullattester", server=True, mutual=True, log_level=2))
             self.assertEqual(ffi.sizeof(conf[0]), 184 if layout == "2022" else 192)
             self.assertEqual(conf.api_version, 1)
             self.assertEqual(conf.flags, 3)
@@ -351,12 +349,7 @@ class LoadTests(TestCase):
         Loading C{path} without our checks would really exit(1).
         """
         out = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import ctypes, sys; ctypes.CDLL(sys.argv[1]); print('alive')",
-                path,
-            ],
+            [sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1]); print('alive')", path],
             check=False,
             capture_output=True,
             text=True,
@@ -412,14 +405,10 @@ class LoadTests(TestCase):
         elsewhere = tempfile.mkdtemp(dir=tmpRoot())
         copy = os.path.join(elsewhere, "librats_tls.so")
         shutil.copy(original, copy)
-        self.assertEqual(
-            ratstls.load(copy).plugin_dir, os.path.join(os.path.dirname(original), "rats-tls")
-        )
+        self.assertEqual(ratstls.load(copy).plugin_dir, os.path.join(os.path.dirname(original), "rats-tls"))
         # Complete plugin directories beside the copy do not help once the
         # compiled-in ones are gone.
-        shutil.copytree(
-            os.path.join(os.path.dirname(original), "rats-tls"), os.path.join(elsewhere, "rats-tls")
-        )
+        shutil.copytree(os.path.join(os.path.dirname(original), "rats-tls"), os.path.join(elsewhere, "rats-tls"))
         shutil.rmtree(os.path.join(os.path.dirname(original), "rats-tls", "tls-wrappers"))
         self.assertIn("tls-wrappers", self.assertLibraryError(copy))
         self.assertLoadingKills(copy)
@@ -539,9 +528,11 @@ class SessionTests(TestCase):
         time.sleep(0.2)
         self.assertFalse(reader.done())
         before = ratstls.RatsTlsSession.concurrent_entries
-        for step, call in (("transmit", lambda: server.transmit(b"x")),
-                           ("receive", lambda: server.receive()),
-                           ("transmit", lambda: server.send(b"x"))):
+        for step, call in (
+            ("transmit", lambda: server.transmit(b"x")),
+            ("receive", lambda: server.receive()),
+            ("transmit", lambda: server.send(b"x")),
+        ):
             with self.assertRaises(RatsTlsError) as caught:
                 call()
             self.assertEqual(caught.exception.step, "concurrent")
@@ -781,9 +772,7 @@ class PlainTlsPeerTests(TestCase):
         with open(key_path, "wb") as f:
             f.write(
                 key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 )
             )
         with open(cert_path, "wb") as f:

@@ -118,14 +118,10 @@ class StressTests(unittest.TestCase):
 
             factory = protocol.Factory()
             factory.buildProtocol = build
-            port = yield RatsTlsServerEndpoint(
-                reactor, 0, self.settings(), interface="127.0.0.1"
-            ).listen(factory)
+            port = yield RatsTlsServerEndpoint(reactor, 0, self.settings(), interface="127.0.0.1").listen(factory)
             try:
                 client = Stream(size, f"up {round}", size)
-                endpoint = RatsTlsClientEndpoint(
-                    reactor, "127.0.0.1", port.getHost().port, self.settings()
-                )
+                endpoint = RatsTlsClientEndpoint(reactor, "127.0.0.1", port.getHost().port, self.settings())
                 started = time.monotonic()
                 yield endpoint.connect(protocol.Factory.forProtocol(lambda: client))
                 while not servers:
@@ -145,14 +141,20 @@ class StressTests(unittest.TestCase):
             self.log.info(
                 "rats-tls stress round {round}: {mb} MB each way in {seconds:.2f} s,"
                 " {rate:.0f} MB/s both ways together ({library})",
-                round=round + 1, mb=MEGABYTES, seconds=elapsed, rate=rates[-1],
+                round=round + 1,
+                mb=MEGABYTES,
+                seconds=elapsed,
+                rate=rates[-1],
                 library=REAL_LIBRARY or "mock",
             )
         self.assertEqual(
-            RatsTlsSession.concurrent_entries - refusedBefore, 0,
+            RatsTlsSession.concurrent_entries - refusedBefore,
+            0,
             "a call entered a session while another thread was inside it",
         )
         self.log.info(
             "rats-tls stress: {rounds} rounds, mean {rate:.0f} MB/s both ways together ({library})",
-            rounds=ROUNDS, rate=sum(rates) / len(rates), library=REAL_LIBRARY or "mock",
+            rounds=ROUNDS,
+            rate=sum(rates) / len(rates),
+            library=REAL_LIBRARY or "mock",
         )

@@ -16,8 +16,16 @@ from tests.ratstlsmock import MOCK_ONLY, build_mock, library_path_under_test
 
 
 def ratsArgs(library, logLevel="off"):
-    return ["--rats-tls-lib", library, "--attester", "nullattester",
-            "--verifier", "nullverifier", "--rats-tls-log-level", logLevel]
+    return [
+        "--rats-tls-lib",
+        library,
+        "--attester",
+        "nullattester",
+        "--verifier",
+        "nullverifier",
+        "--rats-tls-log-level",
+        logLevel,
+    ]
 
 
 class RatsTlsTunnelTests(unittest.TestCase):

@@ -168,9 +168,7 @@ class RatsTlsTransportTests(unittest.TestCase):
     @defer.inlineCallbacks
     def connectPair(self):
         self.serverFactory = CollectorFactory()
-        port = yield RatsTlsServerEndpoint(reactor, 0, settings(), interface="127.0.0.1").listen(
-            self.serverFactory
-        )
+        port = yield RatsTlsServerEndpoint(reactor, 0, settings(), interface="127.0.0.1").listen(self.serverFactory)
         self.addCleanup(port.stopListening)
         endpoint = RatsTlsClientEndpoint(reactor, "127.0.0.1", port.getHost().port, settings())
         client = yield timeout(endpoint.connect(protocol.Factory.forProtocol(Collector)))
@@ -247,9 +245,7 @@ class RatsTlsTransportTests(unittest.TestCase):
         """
         self.addCleanup(cancelDribbles)
         self.serverFactory = CollectorFactory()
-        port = yield RatsTlsServerEndpoint(reactor, 0, settings(), interface="127.0.0.1").listen(
-            self.serverFactory
-        )
+        port = yield RatsTlsServerEndpoint(reactor, 0, settings(), interface="127.0.0.1").listen(self.serverFactory)
         self.addCleanup(port.stopListening)
         relayFactory = protocol.Factory.forProtocol(Dribble)
         relayFactory.target = port.getHost().port
@@ -400,13 +396,15 @@ class RatsTlsTransportTests(unittest.TestCase):
                 self.transport.write(b"this is not TLS\r\n" * 20)
                 self.transport.loseConnection()
 
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            protocol.Factory.forProtocol(Garbage)
-        )
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(protocol.Factory.forProtocol(Garbage))
         self.addCleanup(port.stopListening)
         failures = []
         endpoint = RatsTlsClientEndpoint(
-            reactor, "127.0.0.1", port.getHost().port, settings(), leg="peer",
+            reactor,
+            "127.0.0.1",
+            port.getHost().port,
+            settings(),
+            leg="peer",
             onHandshakeFailed=lambda: failures.append("peer"),
         )
         e = yield self.assertFailure(
@@ -422,14 +420,16 @@ class RatsTlsTransportTests(unittest.TestCase):
         factory = CollectorFactory()
         stats = ServiceStats("entg", reactor)
         endpoint = RatsTlsServerEndpoint(
-            reactor, 0, settings(), interface="127.0.0.1", leg="agent",
+            reactor,
+            0,
+            settings(),
+            interface="127.0.0.1",
+            leg="agent",
             onHandshakeFailed=lambda: stats.handshakeFailed("agent", "rats-tls"),
         )
         port = yield endpoint.listen(factory)
         self.addCleanup(port.stopListening)
-        plain = yield timeout(
-            task.deferLater(reactor, 0, socket.create_connection, ("127.0.0.1", port.getHost().port))
-        )
+        plain = yield timeout(task.deferLater(reactor, 0, socket.create_connection, ("127.0.0.1", port.getHost().port)))
         plain.sendall(b"\x00\x00\x00\x05hello")
         plain.shutdown(socket.SHUT_WR)
         for _ in range(100):

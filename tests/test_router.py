@@ -77,8 +77,7 @@ class RouterTestCase(unittest.TestCase):
         self.clock = Clock()
         self.stats = ServiceStats("entg", self.clock)
         self.drops = self.stats.drops
-        self.router = Router(self.stats, self.clock, allowedIps=self.allowedIps,
-                             agentToAgent=self.agentToAgent)
+        self.router = Router(self.stats, self.clock, allowedIps=self.allowedIps, agentToAgent=self.agentToAgent)
         self.logged = []
         globalLogPublisher.addObserver(self.logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
@@ -205,19 +204,24 @@ class RefusalTests(RouterTestCase):
         first, peer = self.connect("agent"), self.connect("peer")
         self.send(first, packet("192.168.0.1", "192.168.0.254"))
         second = self.connect("agent")
-        self.send(second, packet("192.168.0.9", "192.168.0.254"), packet("192.168.0.1", "192.168.0.254"),
-                  packet("192.168.0.9", "192.168.0.254"))
+        self.send(
+            second,
+            packet("192.168.0.9", "192.168.0.254"),
+            packet("192.168.0.1", "192.168.0.254"),
+            packet("192.168.0.9", "192.168.0.254"),
+        )
         self.assertTrue(second.transport.disconnecting)
         self.assertEqual(second.transport.producerState, "paused")
         self.assertFalse(first.transport.disconnecting)
         # What it sent before the claim went on; nothing after it.
-        self.assertEqual(self.take(peer), frame(packet("192.168.0.1", "192.168.0.254"))
-                         + frame(packet("192.168.0.9", "192.168.0.254")))
+        self.assertEqual(
+            self.take(peer),
+            frame(packet("192.168.0.1", "192.168.0.254")) + frame(packet("192.168.0.9", "192.168.0.254")),
+        )
         self.assertEqual(self.drops.total[("agent", "source_not_owned")], 2)
         [refused] = self.messages("refused")
         self.assertEqual(refused["address"], "192.168.0.1")
-        self.assertEqual({refused["peer"], refused["owner"]},
-                         {first.peerName(), second.peerName()})
+        self.assertEqual({refused["peer"], refused["owner"]}, {first.peerName(), second.peerName()})
         # The refused leg's own address was freed at once.
         self.assertNotIn(ipaddress.ip_address("192.168.0.9").packed, self.router.owners)
         self.send(peer, packet("192.168.0.254", "192.168.0.1"))
@@ -235,8 +239,9 @@ class AllowedIpsTests(RouterTestCase):
         lab = self.connect("agent", ["lab.example", "lab"])
         peer = self.connect("peer")
         # Before either sent anything, the prefixes route to them.
-        self.send(peer, packet("10.9.0.1", "192.168.0.77"), packet("10.9.0.1", "10.5.3.4"),
-                  packet("2001:db8::1", "fd00::5"))
+        self.send(
+            peer, packet("10.9.0.1", "192.168.0.77"), packet("10.9.0.1", "10.5.3.4"), packet("2001:db8::1", "fd00::5")
+        )
         self.assertEqual(len(self.take(client)), 4 + 21)
         self.assertEqual(len(self.take(lab)), 2 * 4 + 21 + 41)
         self.send(client, packet("192.168.0.5", "10.9.0.1"), packet("10.5.0.1", "10.9.0.1"))
@@ -299,8 +304,7 @@ class PeerRoutesTests(RouterTestCase):
     whether or not the others are up.
     """
 
-    routes = {"gw2": (ipaddress.ip_network("192.168.0.254/32"),),
-              "gw3": (ipaddress.ip_network("192.168.0.253/32"),)}
+    routes = {"gw2": (ipaddress.ip_network("192.168.0.254/32"),), "gw3": (ipaddress.ip_network("192.168.0.253/32"),)}
 
     def setUp(self):
         RouterTestCase.setUp(self)
@@ -347,8 +351,7 @@ class PeerRoutesTests(RouterTestCase):
         agent = self.connect("agent")
         accepted, gw2 = self.connect("peer"), self.peer("gw2")
         self.send(accepted, packet("192.168.0.253", "192.168.0.1"), packet("10.7.0.1", "192.168.0.1"))
-        self.assertEqual(sorted(ipaddress.ip_address(a) for a in accepted.owned),
-                         [ipaddress.ip_address("10.7.0.1")])
+        self.assertEqual(sorted(ipaddress.ip_address(a) for a in accepted.owned), [ipaddress.ip_address("10.7.0.1")])
         self.send(agent, packet("192.168.0.1", "192.168.0.253"), packet("192.168.0.1", "10.7.0.1"))
         self.assertEqual(self.drops.total[("agent", "no_route")], 1)
         self.assertEqual(len(self.take(accepted)), 4 + 21)
@@ -471,8 +474,7 @@ class AnnouncementTests(RouterTestCase):
         self.assertEqual(self.take(b), b"")
         self.send(b, announcement("192.168.0.254"))
         self.assertTrue(b.transport.disconnecting)
-        self.assertEqual(dict(self.drops.total), {("agent", "address_in_use"): 1,
-                                                  ("agent", "source_not_owned"): 1})
+        self.assertEqual(dict(self.drops.total), {("agent", "address_in_use"): 1, ("agent", "source_not_owned"): 1})
 
     def test_announcementIsAValidPacket(self):
         from ent.protocols.packets import announcement, checksum, packetProblem

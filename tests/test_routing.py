@@ -34,8 +34,7 @@ def live(tun, table, *ports):
 
 class PlanPolicyTests(unittest.TestCase):
     def test_preferredSlotStablePerName(self):
-        self.assertEqual([preferredSlot(n) for n in ("tun0", "tun1", "tun12", "tun1000")],
-                         [6978, 6979, 6990, 6978])
+        self.assertEqual([preferredSlot(n) for n in ("tun0", "tun1", "tun12", "tun1000")], [6978, 6979, 6990, 6978])
         self.assertEqual(preferredSlot("ent-a"), preferredSlot("ent-a"))
 
     def test_aloneTakesItsPreferredSlot(self):
@@ -83,15 +82,18 @@ class RuleArgumentsTests(unittest.TestCase):
         from ent.hostconfig.routing import ruleArguments
 
         args = ruleArguments(PolicyRoute("tun0", (7,), 6978, 6979), PolicyRoute("tun0", (7,)).rules()[0])
-        self.assertEqual(args, dict(table=6978, priority=6979, protocol=231, iifname="lo", ip_proto=6,
-                                    dport_range="7:7"))
+        self.assertEqual(
+            args, dict(table=6978, priority=6979, protocol=231, iifname="lo", ip_proto=6, dport_range="7:7")
+        )
 
     def test_mappingWithAddressFromAnInterface(self):
         from ent.hostconfig.routing import Capture, ruleArguments
 
         capture = Capture("udp", 53, "10.3.0.2", "vbox")
         args = ruleArguments(PolicyRoute("tun0", (53,), 6978, 6978, (capture,)), capture)
-        self.assertEqual((args["iifname"], args["ip_proto"], args["dst"], args["dst_len"]), ("vbox", 17, "10.3.0.2", 32))
+        self.assertEqual(
+            (args["iifname"], args["ip_proto"], args["dst"], args["dst_len"]), ("vbox", 17, "10.3.0.2", 32)
+        )
 
 
 class CleanupTests(unittest.TestCase):

@@ -59,8 +59,16 @@ class RelayOptionsTests(unittest.TestCase):
     def test_mock(self):
         o = relayOptions("--mock-vsock", "--vsock-address", "8888", "--tcp-address", "127.0.0.1:9000")
         self.assertEqual((o["listen"], o["connect"]), ("127.0.0.1:8888", "127.0.0.1:9000"))
-        o = relayOptions("--mock-vsock", "--tcp-to-vsock", "--tcp-address", "8443",
-                         "--vsock-address", "127.0.0.1:8888", "--max-concurrent-connections", "5")
+        o = relayOptions(
+            "--mock-vsock",
+            "--tcp-to-vsock",
+            "--tcp-address",
+            "8443",
+            "--vsock-address",
+            "127.0.0.1:8888",
+            "--max-concurrent-connections",
+            "5",
+        )
         self.assertEqual((o["listen"], o["connect"]), ("8443", "127.0.0.1:8888"))
         self.assertEqual(o["max-concurrent-connections"], 5)
 
@@ -76,27 +84,42 @@ class RelayOptionsTests(unittest.TestCase):
     def test_refusals(self):
         self.assertRefused([], "give --tcp-address and --vsock-address")
         self.assertRefused(["--tcp-address", "127.0.0.1:1"], "give --tcp-address and --vsock-address")
-        self.assertRefused(["--tcp-address", "127.0.0.1:70000", "--vsock-address", "1"],
-                           "--tcp-address '127.0.0.1:70000': port 70000 is out of range 1-65535")
+        self.assertRefused(
+            ["--tcp-address", "127.0.0.1:70000", "--vsock-address", "1"],
+            "--tcp-address '127.0.0.1:70000': port 70000 is out of range 1-65535",
+        )
         self.assertRefused(["--tcp-address", "8443", "--vsock-address", "1"], "--tcp-address '8443' is not HOST:PORT")
-        self.assertRefused(["--tcp-to-vsock", "--tcp-address", "localhost:1", "--vsock-address", "16:1"],
-                           "--tcp-address 'localhost:1' is not [ADDR:]PORT")
-        self.assertRefused(["--tcp-to-vsock", "--tcp-address", "300.1.1.1:1", "--vsock-address", "16:1"],
-                           "'300.1.1.1' is not an IP address")
-        self.assertRefused(["--tcp-to-vsock", "--tcp-address", "1", "--vsock-address", "8888"],
-                           "--vsock-address '8888': give CID:PORT to connect to")
-        self.assertRefused(["--tcp-to-vsock", "--tcp-address", "1", "--vsock-address", "x:8888"],
-                           "--vsock-address 'x:8888': vsock CID 'x' is not a number")
+        self.assertRefused(
+            ["--tcp-to-vsock", "--tcp-address", "localhost:1", "--vsock-address", "16:1"],
+            "--tcp-address 'localhost:1' is not [ADDR:]PORT",
+        )
+        self.assertRefused(
+            ["--tcp-to-vsock", "--tcp-address", "300.1.1.1:1", "--vsock-address", "16:1"],
+            "'300.1.1.1' is not an IP address",
+        )
+        self.assertRefused(
+            ["--tcp-to-vsock", "--tcp-address", "1", "--vsock-address", "8888"],
+            "--vsock-address '8888': give CID:PORT to connect to",
+        )
+        self.assertRefused(
+            ["--tcp-to-vsock", "--tcp-address", "1", "--vsock-address", "x:8888"],
+            "--vsock-address 'x:8888': vsock CID 'x' is not a number",
+        )
         self.assertRefused(["--tcp-address", "h:1", "--vsock-address", "4294967295"], "out of range 0-4294967294")
-        self.assertRefused(["--mock-vsock", "--tcp-to-vsock", "--tcp-address", "1", "--vsock-address", "8888"],
-                           "--vsock-address (mock) '8888' is not HOST:PORT")
-        self.assertRefused(["--listen", "vsock:1", "--connect", "vsock:3:1", "--tcp-to-vsock"],
-                           "--listen and --connect exclude --tcp-to-vsock")
+        self.assertRefused(
+            ["--mock-vsock", "--tcp-to-vsock", "--tcp-address", "1", "--vsock-address", "8888"],
+            "--vsock-address (mock) '8888' is not HOST:PORT",
+        )
+        self.assertRefused(
+            ["--listen", "vsock:1", "--connect", "vsock:3:1", "--tcp-to-vsock"],
+            "--listen and --connect exclude --tcp-to-vsock",
+        )
         self.assertRefused(["--listen", "vsock:1"], "--listen and --connect go together")
         self.assertRefused(["--listen", "nonsense", "--connect", "vsock:3:1"], "neither [ADDR:]PORT")
         self.assertRefused(["--listen", "1", "--connect", "h:1", "--max-concurrent-connections", "0"], "at least 1")
-        self.assertRefused(["--listen", "1", "--connect", "h:1", "--max-concurrent-connections", "many"],
-                           "not a number")
+        self.assertRefused(
+            ["--listen", "1", "--connect", "h:1", "--max-concurrent-connections", "many"], "not a number"
+        )
 
     def test_buildsEndpoints(self):
         reactor = MemoryReactor()
@@ -106,8 +129,9 @@ class RelayOptionsTests(unittest.TestCase):
         self.assertIsInstance(service.listenEndpoint, VsockServerEndpoint)
         self.assertEqual((service.listenEndpoint.cid, service.listenEndpoint.port), (CID_ANY, 8888))
         self.assertIsInstance(service.relay.target, HostnameEndpoint)
-        guard = makeRelayService(relayOptions("--tcp-address", "127.0.0.1:8443", "--vsock-address", "16:8888",
-                                              "--tcp-to-vsock"), reactor)
+        guard = makeRelayService(
+            relayOptions("--tcp-address", "127.0.0.1:8443", "--vsock-address", "16:8888", "--tcp-to-vsock"), reactor
+        )
         [service] = guard
         self.assertIsInstance(service.listenEndpoint, TCP4ServerEndpoint)
         self.assertIsInstance(service.relay.target, VsockClientEndpoint)
@@ -118,9 +142,15 @@ class RelayOptionsTests(unittest.TestCase):
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         e = self.assertRaises(SystemExit, makeRelayService, options, MemoryReactor())
-        self.assertEqual((e.code, stderr.getvalue()), (2, (
-            "twistd ent-relay: --listen 'vsock:x': vsock port 'x' is not a number (see twistd ent-relay --help)\n"
-        )))
+        self.assertEqual(
+            (e.code, stderr.getvalue()),
+            (
+                2,
+                (
+                    "twistd ent-relay: --listen 'vsock:x': vsock port 'x' is not a number (see twistd ent-relay --help)\n"
+                ),
+            ),
+        )
 
 
 @implementer(IStreamClientEndpoint)
@@ -396,7 +426,9 @@ class MockModeTests(unittest.TestCase):
     async def relay(self, targetPort, maxConnections=1024):
         service = SocketRelayService(
             TCP4ServerEndpoint(reactor, 0, backlog=200, interface=LOCAL),
-            TCP4ClientEndpoint(reactor, LOCAL, targetPort), reactor, maxConnections,
+            TCP4ClientEndpoint(reactor, LOCAL, targetPort),
+            reactor,
+            maxConnections,
             connectDescription=f"{LOCAL}:{targetPort}",
         )
         service.startService()
@@ -537,18 +569,32 @@ class TwistdTests(unittest.TestCase):
     """
 
     def runRelay(self, *argv):
-        return subprocess.run([twistd(), "-n", "--pidfile=", "ent-relay", *argv],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [twistd(), "-n", "--pidfile=", "ent-relay", *argv], capture_output=True, text=True, timeout=60
+        )
 
     async def test_mockRelayEchoes(self):
         echo = await TCP4ServerEndpoint(reactor, 0, interface=LOCAL).listen(EchoFactory())
         self.addCleanup(echo.stopListening)
         port = freePort()
         process = Output()
-        reactor.spawnProcess(process, twistd(), [
-            twistd(), "-n", "--pidfile=", "ent-relay", "--mock-vsock", "--tcp-to-vsock",
-            "--tcp-address", f"{LOCAL}:{port}", "--vsock-address", f"{LOCAL}:{echo.getHost().port}",
-        ], env=os.environ)
+        reactor.spawnProcess(
+            process,
+            twistd(),
+            [
+                twistd(),
+                "-n",
+                "--pidfile=",
+                "ent-relay",
+                "--mock-vsock",
+                "--tcp-to-vsock",
+                "--tcp-address",
+                f"{LOCAL}:{port}",
+                "--vsock-address",
+                f"{LOCAL}:{echo.getHost().port}",
+            ],
+            env=os.environ,
+        )
         try:
             await waitFor(lambda: b"relaying " in process.output, timeout=30)
             client = await connectProtocol(TCP4ClientEndpoint(reactor, LOCAL, port), EchoClient(b"through twistd"))
@@ -556,15 +602,23 @@ class TwistdTests(unittest.TestCase):
         finally:
             process.transport.signalProcess("TERM")
             await process.ended
-        self.assertIn(f"relaying {LOCAL}:{port} ({LOCAL}:{port}) to {LOCAL}:{echo.getHost().port}",
-                      process.output.decode())
+        self.assertIn(
+            f"relaying {LOCAL}:{port} ({LOCAL}:{port}) to {LOCAL}:{echo.getHost().port}", process.output.decode()
+        )
 
     def test_badOption(self):
         result = self.runRelay("--tcp-to-vsock", "--tcp-address", "127.0.0.1:70000", "--vsock-address", "16:8888")
-        self.assertEqual((result.returncode, result.stdout, result.stderr), (2, "", (
-            "twistd ent-relay: --tcp-address '127.0.0.1:70000': port 70000 is out of range 1-65535 "
-            "(see twistd ent-relay --help)\n"
-        )))
+        self.assertEqual(
+            (result.returncode, result.stdout, result.stderr),
+            (
+                2,
+                "",
+                (
+                    "twistd ent-relay: --tcp-address '127.0.0.1:70000': port 70000 is out of range 1-65535 "
+                    "(see twistd ent-relay --help)\n"
+                ),
+            ),
+        )
 
     def test_portInUse(self):
         with socket.socket() as blocker:
@@ -586,11 +640,27 @@ class TwistdTests(unittest.TestCase):
         self.addCleanup(echo.stopListening)
         port, metricsPort = freePort(), freePort()
         process = Output()
-        reactor.spawnProcess(process, twistd(), [
-            twistd(), "-n", "--pidfile=", "ent-relay", "--mock-vsock", "--tcp-to-vsock",
-            "--tcp-address", f"{LOCAL}:{port}", "--vsock-address", f"{LOCAL}:{echo.getHost().port}",
-            "--max-concurrent-connections", "1", "--metrics", f"tcp:{metricsPort}:interface={LOCAL}",
-        ], env=os.environ)
+        reactor.spawnProcess(
+            process,
+            twistd(),
+            [
+                twistd(),
+                "-n",
+                "--pidfile=",
+                "ent-relay",
+                "--mock-vsock",
+                "--tcp-to-vsock",
+                "--tcp-address",
+                f"{LOCAL}:{port}",
+                "--vsock-address",
+                f"{LOCAL}:{echo.getHost().port}",
+                "--max-concurrent-connections",
+                "1",
+                "--metrics",
+                f"tcp:{metricsPort}:interface={LOCAL}",
+            ],
+            env=os.environ,
+        )
         held = None
         try:
             await waitFor(lambda: b"relaying " in process.output, timeout=30)
@@ -610,8 +680,11 @@ class TwistdTests(unittest.TestCase):
             self.assertEqual(scrape.value("ent_dropped_total", leg="incoming", reason="connection_limit"), 1)
             self.assertEqual(scrape.value("ent_relay_bytes_total", direction="to_target"), len(b"kept open"))
             result = await deferToThread(
-                subprocess.run, [sys.executable, "-m", "ent", "status", "--metrics", url],
-                capture_output=True, text=True, timeout=30,
+                subprocess.run,
+                [sys.executable, "-m", "ent", "status", "--metrics", url],
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
             self.assertIn("1 open (limit 1), 1 accepted, 1 refused", result.stdout)

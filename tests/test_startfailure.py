@@ -37,8 +37,7 @@ class FailedStartTests(unittest.TestCase):
         for process in self.holders:
             process.kill()
             process.wait()
-        for pid in subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True,
-                                  text=True).stdout.split():
+        for pid in subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True).stdout.split():
             try:
                 os.kill(int(pid), 9)
             except ProcessLookupError:
@@ -47,8 +46,9 @@ class FailedStartTests(unittest.TestCase):
         subprocess.run(["rm", "-rf", self.dir], check=False)
 
     def exec(self, *argv, check=False, timeout=30):
-        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], capture_output=True,
-                              text=True, check=check, timeout=timeout)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns, *argv], capture_output=True, text=True, check=check, timeout=timeout
+        )
 
     def twistd(self, daemon, plugin, *args):
         """
@@ -57,8 +57,15 @@ class FailedStartTests(unittest.TestCase):
         mode = [] if daemon else ["-n"]
         logfile = os.path.join(self.dir, "twistd.log")
         started = time.monotonic()
-        result = self.exec(*twistdCommand(), *mode, f"--pidfile={self.pidfile}",
-                           f"--logfile={logfile}", plugin, *args, timeout=LIMIT * 3)
+        result = self.exec(
+            *twistdCommand(),
+            *mode,
+            f"--pidfile={self.pidfile}",
+            f"--logfile={logfile}",
+            plugin,
+            *args,
+            timeout=LIMIT * 3,
+        )
         return result, time.monotonic() - started
 
     def configured(self):
@@ -67,10 +74,16 @@ class FailedStartTests(unittest.TestCase):
         """
         return {
             "nft": self.exec("nft", "list", "tables").stdout.strip(),
-            "rules": [r for r in self.exec("ip", "rule").stdout.splitlines()
-                      if not any(t in r for t in ("lookup local", "lookup main", "lookup default"))],
-            "tuns": [line for line in self.exec("ip", "-o", "link", "show", "type", "tun").stdout.splitlines()
-                     if "foreign" not in line],
+            "rules": [
+                r
+                for r in self.exec("ip", "rule").stdout.splitlines()
+                if not any(t in r for t in ("lookup local", "lookup main", "lookup default"))
+            ],
+            "tuns": [
+                line
+                for line in self.exec("ip", "-o", "link", "show", "type", "tun").stdout.splitlines()
+                if "foreign" not in line
+            ],
         }
 
     def assertFailsCleanly(self, result, seconds, reason):
@@ -95,11 +108,20 @@ class FailedStartTests(unittest.TestCase):
         self.assertFailsCleanly(result, seconds, "enta: cannot start: an interface named foreign")
 
     def portTaken(self):
-        holder = subprocess.Popen([
-            "ip", "netns", "exec", self.ns, sys.executable, "-c",
-            "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 6980)); s.listen();"
-            "print('ready', flush=True); time.sleep(120)",
-        ], stdout=subprocess.PIPE, text=True)
+        holder = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                sys.executable,
+                "-c",
+                "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 6980)); s.listen();"
+                "print('ready', flush=True); time.sleep(120)",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.holders.append(holder)
         self.assertEqual(holder.stdout.readline().strip(), "ready")
         return ("entg",)

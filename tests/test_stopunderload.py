@@ -39,8 +39,19 @@ class StopUnderLoadTests(unittest.TestCase):
 
         def moving():
             if not os.path.exists(log):
-                t.start("client", "iperf3", "-c", ADDRESS["server"], "-p", "7", "-t", "60",
-                        "--forceflush", *(["-R"] if reverse else []), name="iperf3-client")
+                t.start(
+                    "client",
+                    "iperf3",
+                    "-c",
+                    ADDRESS["server"],
+                    "-p",
+                    "7",
+                    "-t",
+                    "60",
+                    "--forceflush",
+                    *(["-R"] if reverse else []),
+                    name="iperf3-client",
+                )
                 return False
             with open(log) as f:
                 text = f.read()
@@ -143,15 +154,25 @@ class RelayStopUnderLoadTests(unittest.TestCase):
     def stopRelayUnderLoad(self, reverse):
         target, listen = _freePort(), _freePort()
         self.start("iperf3", "-s", "-B", "127.0.0.1", "-p", str(target))
-        relay = self.start(*twistdCommand(), "-n", "--pidfile=", "ent-relay", "--mock-vsock",
-                           "--tcp-to-vsock", "--tcp-address", f"127.0.0.1:{listen}",
-                           "--vsock-address", f"127.0.0.1:{target}")
+        relay = self.start(
+            *twistdCommand(),
+            "-n",
+            "--pidfile=",
+            "ent-relay",
+            "--mock-vsock",
+            "--tcp-to-vsock",
+            "--tcp-address",
+            f"127.0.0.1:{listen}",
+            "--vsock-address",
+            f"127.0.0.1:{target}",
+        )
         deadline = time.monotonic() + 30
         while "relaying " not in (line := relay.stdout.readline()):
             self.assertLess(time.monotonic(), deadline, "the relay did not start")
             self.assertNotEqual(line, "", "the relay exited")
-        client = self.start("iperf3", "-c", "127.0.0.1", "-p", str(listen), "-t", "60", "--forceflush",
-                            *(["-R"] if reverse else []))
+        client = self.start(
+            "iperf3", "-c", "127.0.0.1", "-p", str(listen), "-t", "60", "--forceflush", *(["-R"] if reverse else [])
+        )
         while "bits/sec" not in (line := client.stdout.readline()):
             self.assertLess(time.monotonic(), deadline, "iperf3 moved nothing")
             self.assertNotEqual(line, "", "iperf3 ended")

@@ -27,9 +27,15 @@ def makeCertificates(directory):
 
 
 def tlsArgs(directory, name, *flags, ca=None):
-    return [*flags, "--tls-cert", os.path.join(directory, f"{name}.pem"),
-            "--tls-key", os.path.join(directory, f"{name}.key"),
-            "--tls-ca", ca or os.path.join(directory, "ca.pem")]
+    return [
+        *flags,
+        "--tls-cert",
+        os.path.join(directory, f"{name}.pem"),
+        "--tls-key",
+        os.path.join(directory, f"{name}.key"),
+        "--tls-ca",
+        ca or os.path.join(directory, "ca.pem"),
+    ]
 
 
 class TlsTunnelTests(unittest.TestCase):

@@ -22,8 +22,17 @@ def icmpEcho(source, destination, ident, payload):
     icmp = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + payload
     icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
     header = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0,
-        socket.inet_aton(source), socket.inet_aton(destination),
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(icmp),
+        0,
+        0,
+        64,
+        1,
+        0,
+        socket.inet_aton(source),
+        socket.inet_aton(destination),
     )
     header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
     return header + icmp
@@ -36,8 +45,7 @@ class TunTransportTests(unittest.TestCase):
         self.writeErrors = []
         fd = tun.openTun("enttun0")
         self.tun = tun.TunTransport(
-            fd, "enttun0", 1500, lambda packets, size: self.batches.append(packets), self.writeErrors.append,
-            reactor,
+            fd, "enttun0", 1500, lambda packets, size: self.batches.append(packets), self.writeErrors.append, reactor
         )
         self.addCleanup(self._close)
         configureTun("enttun0", "192.168.0.1", 24, 1500)
@@ -53,11 +61,9 @@ class TunTransportTests(unittest.TestCase):
             sock.sendto(b"ENT%05d" % i, ("192.168.0.254", 9))
 
     def test_configured(self):
-        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "enttun0"],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "enttun0"], capture_output=True, text=True).stdout
         self.assertIn("192.168.0.1/24", out)
-        link = subprocess.run(["ip", "-o", "link", "show", "dev", "enttun0"],
-                              capture_output=True, text=True).stdout
+        link = subprocess.run(["ip", "-o", "link", "show", "dev", "enttun0"], capture_output=True, text=True).stdout
         self.assertIn("mtu 1500", link)
         self.assertIn("UP", link)
 
@@ -144,8 +150,7 @@ class HostConfigTests(unittest.TestCase):
         fd = tun.openTun("enttun1")
         self.addCleanup(__import__("os").close, fd)
         hostconfig.run("tun", name="enttun1", address="192.168.7.1", prefixlen=24, mtu=9000)
-        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "enttun1"],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "enttun1"], capture_output=True, text=True).stdout
         self.assertIn("192.168.7.1/24", out)
         policy = hostconfig.run("policy-plan", name="enttun1", ports=[7, 8], table=7000, gatewayPort=6980)
         self.assertEqual(policy, {"table": 7000, "priority": 7000})
@@ -158,6 +163,7 @@ class HostConfigTests(unittest.TestCase):
         self.assertNotIn("lookup 7000", rules)
 
     def test_errorComesBackTyped(self):
-        e = self.assertRaises(TunError, hostconfig.run, "tun", name="nosuch0",
-                              address="192.168.7.1", prefixlen=24, mtu=1500)
+        e = self.assertRaises(
+            TunError, hostconfig.run, "tun", name="nosuch0", address="192.168.7.1", prefixlen=24, mtu=1500
+        )
         self.assertEqual(str(e), "cannot configure nosuch0: no such interface")

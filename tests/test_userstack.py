@@ -126,7 +126,8 @@ class RootlessMixin:
         """
         load = subprocess.Popen(
             ["ip", "netns", "exec", self.t.ns("client"), *self.tunnel.echoCommand(500_000_000, timeout=120)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         self.addCleanup(lambda: load.poll() is None and load.kill())
         time.sleep(2)
@@ -153,8 +154,7 @@ class RootlessClientTests(RootlessMixin, unittest.TestCase):
 
     def setUp(self):
         requireRoot(self)
-        self.startTunnel(roleArgs={"client": USER_CLIENT}, unprivileged=["client"],
-                         hostArgs={"client": METRICS})
+        self.startTunnel(roleArgs={"client": USER_CLIENT}, unprivileged=["client"], hostArgs={"client": METRICS})
 
     def test_echo20MB(self):
         self.assertUnprivileged("client")
@@ -172,8 +172,10 @@ class RootlessClientTests(RootlessMixin, unittest.TestCase):
         scrape = scrapeIn(self.t, "client")
         self.assertGreater(scrape.value("ent_tun_bytes_total", direction="read"), 1_000_000)
         self.assertGreater(scrape.value("ent_tun_bytes_total", direction="written"), 1_000_000)
-        self.assertEqual(scrape.value("ent_tun_packets_total", direction="read"),
-                         scrape.value("ent_leg_packets_total", leg="gateway", direction="sent"))
+        self.assertEqual(
+            scrape.value("ent_tun_packets_total", direction="read"),
+            scrape.value("ent_leg_packets_total", leg="gateway", direction="sent"),
+        )
         self.assertEqual(scrape.value("ent_leg_up", leg="gateway"), 1)
 
     def test_slowReaderSlowsTheSender(self):
@@ -207,8 +209,19 @@ class RootlessClientTests(RootlessMixin, unittest.TestCase):
         agent, run the same way, refuses to start in one line.
         """
         result = self.t.exec(
-            "client", *UNPRIVILEGED, *twistdCommand(), "-n", "--pidfile=", "enta", "--tun-name", "tunx",
-            "--dport", "9", "--entg-connect", f"{ADDRESS['gw1.agent']}:6980", timeout=30,
+            "client",
+            *UNPRIVILEGED,
+            *twistdCommand(),
+            "-n",
+            "--pidfile=",
+            "enta",
+            "--tun-name",
+            "tunx",
+            "--dport",
+            "9",
+            "--entg-connect",
+            f"{ADDRESS['gw1.agent']}:6980",
+            timeout=30,
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("enta: cannot start:", result.stdout + result.stderr)
@@ -244,12 +257,22 @@ class RootlessServerTests(RootlessMixin, unittest.TestCase):
         Port 9 has a listener on the server host and the client maps it
         into the tunnel, but the rootless agent does not expose it.
         """
-        self.t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "9",
-                     name="echo9")
+        self.t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "9", name="echo9")
         self.t.waitFor(lambda: ":9 " in self.t.exec("server", "ss", "-ltn").stdout)
         result = self.t.exec(
-            "client", sys.executable, ECHOSVR, "client", "--host", ADDRESS["server"], "--port", "9",
-            "--bytes", "100", "--timeout", "5", timeout=30,
+            "client",
+            sys.executable,
+            ECHOSVR,
+            "client",
+            "--host",
+            ADDRESS["server"],
+            "--port",
+            "9",
+            "--bytes",
+            "100",
+            "--timeout",
+            "5",
+            timeout=30,
         )
         self.assertNotEqual(result.returncode, 0, result.stdout)
         log = open(f"{self.tunnel.logdir}/echo9.log").read()
@@ -284,12 +307,19 @@ class RootlessBothEndsTlsTests(RootlessMixin, unittest.TestCase):
             os.chown(os.path.join(directory, name), 65534, 65534)
 
         def tls(name, *flags):
-            return [*flags, "--tls-cert", os.path.join(directory, f"{name}.pem"),
-                    "--tls-key", os.path.join(directory, f"{name}.key"),
-                    "--tls-ca", os.path.join(directory, "ca.pem")]
+            return [
+                *flags,
+                "--tls-cert",
+                os.path.join(directory, f"{name}.pem"),
+                "--tls-key",
+                os.path.join(directory, f"{name}.key"),
+                "--tls-ca",
+                os.path.join(directory, "ca.pem"),
+            ]
 
         self.startTunnel(
-            roleArgs={"client": USER_CLIENT, "server": USER_SERVER}, unprivileged=["client", "server"],
+            roleArgs={"client": USER_CLIENT, "server": USER_SERVER},
+            unprivileged=["client", "server"],
             hostArgs={
                 "client": tls("agent", "--entg-tls"),
                 "gw1": tls("gw1", "--enta-tls", "--entg-tls"),
@@ -337,19 +367,23 @@ class StackPairTests(unittest.TestCase):
 
     async def test_echoThroughTwoStacks(self):
         reactor = self.reactor
-        echo = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(HalfCloseEcho))
+        echo = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(HalfCloseEcho))
         self.addCleanup(echo.stopListening)
         stacks = {}
         listenPort = freePort()
         client = stacks["client"] = self.stack(
-            "192.168.0.1/24", lambda packets, size: reactor.callLater(0, stacks["server"].writePackets, packets),
-            listens=[Mapping("tcp", "127.0.0.1", listenPort, "192.168.0.254", 6978)])
+            "192.168.0.1/24",
+            lambda packets, size: reactor.callLater(0, stacks["server"].writePackets, packets),
+            listens=[Mapping("tcp", "127.0.0.1", listenPort, "192.168.0.254", 6978)],
+        )
         server = stacks["server"] = self.stack(
-            "192.168.0.254/24", lambda packets, size: reactor.callLater(0, client.writePackets, packets),
-            exposures=[Exposure("tcp", 6978, None, echo.getHost().port)])
-        relay = SocketRelayFactory(TCP4ClientEndpoint(reactor, "127.0.0.1", echo.getHost().port), "echo", 10,
-                                   self.drops)
+            "192.168.0.254/24",
+            lambda packets, size: reactor.callLater(0, client.writePackets, packets),
+            exposures=[Exposure("tcp", 6978, None, echo.getHost().port)],
+        )
+        relay = SocketRelayFactory(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", echo.getHost().port), "echo", 10, self.drops
+        )
         unix = await UNIXServerEndpoint(reactor, server.socketPath(server.exposures[0])).listen(relay)
         self.addCleanup(unix.stopListening)
         verifyObject(IPushProducer, client)
@@ -362,8 +396,9 @@ class StackPairTests(unittest.TestCase):
 
     def test_pingAnsweredForTheTunnelAddress(self):
         out = []
-        server = self.stack("192.168.0.254/24", lambda packets, size: out.extend(packets),
-                            exposures=[Exposure("tcp", 6978, None, 7)])
+        server = self.stack(
+            "192.168.0.254/24", lambda packets, size: out.extend(packets), exposures=[Exposure("tcp", 6978, None, 7)]
+        )
         request = icmpEcho("192.168.0.1", "192.168.0.254", b"ping-payload")
         server.writePackets([request])
         self.assertEqual(len(out), 1)
@@ -396,11 +431,18 @@ class StackPairTests(unittest.TestCase):
         self.addCleanup(taken.close)
         port = taken.getsockname()[1]
         fds = openFds()
-        stack = UserStack(ipaddress.IPv4Interface("192.168.0.1/24"), 65535, lambda packets, size: None, self.drops,
-                          self.reactor, listens=[parseListen(f"{port}=192.168.0.254:6978")])
+        stack = UserStack(
+            ipaddress.IPv4Interface("192.168.0.1/24"),
+            65535,
+            lambda packets, size: None,
+            self.drops,
+            self.reactor,
+            listens=[parseListen(f"{port}=192.168.0.254:6978")],
+        )
         e = self.assertRaises(UserStackError, stack.start)
-        self.assertEqual(str(e), f"--listen {port}=192.168.0.254:6978: cannot listen on 127.0.0.1:{port} "
-                                 f"(in use or not allowed)")
+        self.assertEqual(
+            str(e), f"--listen {port}=192.168.0.254:6978: cannot listen on 127.0.0.1:{port} (in use or not allowed)"
+        )
         self.assertEqual(openFds(), fds)
 
 
@@ -486,7 +528,8 @@ class RootlessRatsTlsTests(RootlessMixin, unittest.TestCase):
             folder = os.path.dirname(folder)
         common = ratsArgs(library)
         self.startTunnel(
-            roleArgs={"client": USER_CLIENT, "server": USER_SERVER}, unprivileged=["client", "server"],
+            roleArgs={"client": USER_CLIENT, "server": USER_SERVER},
+            unprivileged=["client", "server"],
             hostArgs={
                 "client": ["--entg-rats-tls", *common],
                 "gw1": ["--enta-rats-tls", "--entg-rats-tls", *common],

@@ -169,8 +169,10 @@ class ParseTests(unittest.TestCase):
     def test_roundTrip(self):
         datagram, problem = parseUdp(KERNEL_PACKET)
         self.assertIsNone(problem)
-        self.assertEqual((datagram.source, datagram.sourcePort, datagram.destination, datagram.destinationPort),
-                         (CLIENT, 49153, FAR, 5353))
+        self.assertEqual(
+            (datagram.source, datagram.sourcePort, datagram.destination, datagram.destinationPort),
+            (CLIENT, 49153, FAR, 5353),
+        )
         self.assertEqual(datagram.data, KERNEL_PACKET[28:])
 
     def test_fragments(self):
@@ -203,8 +205,16 @@ class FlowsMixin:
         self.reactor = FakeReactor()
         self.drops = DropReporter(self.reactor, "enta")
         self.emitted = []
-        flows = UdpFlows(interface, 1500, self.emitted.append, self.drops, self.reactor,
-                         listens=listens, exposures=exposures, **kwargs)
+        flows = UdpFlows(
+            interface,
+            1500,
+            self.emitted.append,
+            self.drops,
+            self.reactor,
+            listens=listens,
+            exposures=exposures,
+            **kwargs,
+        )
         flows.start()
         return flows
 
@@ -224,8 +234,9 @@ class ClientFlowTests(FlowsMixin, unittest.TestCase):
 
     def test_portTaken(self):
         self.reactor.taken.add(5353)
-        udp = UdpFlows(OWN, 1500, self.emitted.append, self.drops, self.reactor,
-                       listens=[parseListen("5353/udp=192.168.0.254:53")])
+        udp = UdpFlows(
+            OWN, 1500, self.emitted.append, self.drops, self.reactor, listens=[parseListen("5353/udp=192.168.0.254:53")]
+        )
         error = self.assertRaises(UserStackError, udp.start)
         self.assertIn("--listen 5353/udp=192.168.0.254:53", str(error))
 
@@ -349,8 +360,10 @@ class ServerFlowTests(FlowsMixin, unittest.TestCase):
         [packet] = self.emitted
         self.assertTrue(verifies(packet))
         datagram = parseUdp(packet)[0]
-        self.assertEqual((datagram.source, datagram.sourcePort, datagram.destination, datagram.destinationPort),
-                         (FAR, 5353, CLIENT, 50002))
+        self.assertEqual(
+            (datagram.source, datagram.sourcePort, datagram.destination, datagram.destinationPort),
+            (FAR, 5353, CLIENT, 50002),
+        )
         self.assertEqual(datagram.data, b"answer")
 
     def test_notExposedDropped(self):
@@ -451,8 +464,7 @@ class UdpThroughUserStackMixin(RootlessMixin):
             return f.read()
 
     def roundTrips(self, host, port, count=100):
-        result = self.t.exec("client", sys.executable, "-c", UDP_ROUND_TRIPS, host, str(port), str(count),
-                             timeout=120)
+        result = self.t.exec("client", sys.executable, "-c", UDP_ROUND_TRIPS, host, str(port), str(count), timeout=120)
         return result.stdout.strip() + result.stderr
 
 
@@ -466,8 +478,9 @@ class RootlessUdpClientTests(UdpThroughUserStackMixin, unittest.TestCase):
         requireRoot(self)
         client = [*USER_CLIENT, "--listen", "5353/udp=192.168.0.254:5353"]
         server = ["--expose", "6978=7", "--expose", "5353/udp"]
-        self.startTunnel(roleArgs={"client": client, "server": server}, unprivileged=["client"],
-                         hostArgs={"client": METRICS})
+        self.startTunnel(
+            roleArgs={"client": client, "server": server}, unprivileged=["client"], hostArgs={"client": METRICS}
+        )
         self.startEcho(5353)
 
     def test_echo(self):
@@ -489,11 +502,18 @@ class RootlessUdpServerTests(UdpThroughUserStackMixin, unittest.TestCase):
 
     def setUp(self):
         requireRoot(self)
-        client = ["--dport", "7", "--map", f"{ADDRESS['server']}:5353/udp=192.168.0.254:5353",
-                  "--map", f"{ADDRESS['server']}:5354/udp=192.168.0.254:5354"]
+        client = [
+            "--dport",
+            "7",
+            "--map",
+            f"{ADDRESS['server']}:5353/udp=192.168.0.254:5353",
+            "--map",
+            f"{ADDRESS['server']}:5354/udp=192.168.0.254:5354",
+        ]
         server = ["--stack", "user", "--expose", "6978=7", "--expose", "5353/udp"]
-        self.startTunnel(roleArgs={"client": client, "server": server}, unprivileged=["server"],
-                         hostArgs={"server": METRICS})
+        self.startTunnel(
+            roleArgs={"client": client, "server": server}, unprivileged=["server"], hostArgs={"server": METRICS}
+        )
         self.startEcho(5353, 5354)
 
     def test_echo(self):

@@ -37,6 +37,7 @@ class Holder(Protocol):
 
 class WriteThroughTests(unittest.TestCase):
     timeout = 15
+
     def test_otherTransportsWriteAsBefore(self):
         """
         A transport that is not a plain connection gets C{writeSequence}.

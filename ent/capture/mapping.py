@@ -20,9 +20,7 @@ _MAP = re.compile(
     r"(?:(?P<address>[0-9.]+):)?(?P<port>[0-9]+)(?:/(?P<proto>[a-z]+))?"
     r"=(?P<tunAddress>[0-9.]+):(?P<tunPort>[0-9]+)"
 )
-_EXPOSE = re.compile(
-    r"(?P<tunPort>[0-9]+)(?:/(?P<proto>[a-z]+))?(?:=(?:(?P<host>[0-9.]+):)?(?P<port>[0-9]+))?"
-)
+_EXPOSE = re.compile(r"(?P<tunPort>[0-9]+)(?:/(?P<proto>[a-z]+))?(?:=(?:(?P<host>[0-9.]+):)?(?P<port>[0-9]+))?")
 
 
 @dataclass(frozen=True)
@@ -87,8 +85,11 @@ def parseMapping(text, flag="--map", defaultAddress=None):
         raise ConfigurationError(f"{given} is not [ADDR:]PORT[/udp]=TUNADDR:PORT")
     address = match["address"] and _address(match["address"], given)
     return Mapping(
-        _proto(match["proto"], given), address or defaultAddress, parsePort(match["port"], f"{given}: port"),
-        _address(match["tunAddress"], given), parsePort(match["tunPort"], f"{given}: tunnel port"),
+        _proto(match["proto"], given),
+        address or defaultAddress,
+        parsePort(match["port"], f"{given}: port"),
+        _address(match["tunAddress"], given),
+        parsePort(match["tunPort"], f"{given}: tunnel port"),
         f"{flag} {text}",
     )
 

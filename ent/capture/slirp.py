@@ -111,9 +111,7 @@ def load(name=LIBRARY):
         lib = ffi.dlopen(name)
         libc = ffi.dlopen(None)
     except OSError as e:
-        raise UserStackError(
-            f"--stack user needs libslirp ({name}): {e}; install it with 'apt-get install libslirp0'"
-        )
+        raise UserStackError(f"--stack user needs libslirp ({name}): {e}; install it with 'apt-get install libslirp0'")
     for struct, size in LAYOUT.items():
         if ffi.sizeof(struct) != size:
             raise UserStackError(f"{struct} is {ffi.sizeof(struct)} bytes here, not the {size} of libslirp 4.x")

@@ -46,8 +46,11 @@ _ETHER_IPV4 = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + struct.pack(">H", ETHE
 POLL_IN, POLL_OUT, POLL_PRI, POLL_ERR, POLL_HUP = 1, 2, 4, 8, 16
 _TO_EPOLL = ((POLL_IN, select.EPOLLIN), (POLL_OUT, select.EPOLLOUT), (POLL_PRI, select.EPOLLPRI))
 _FROM_EPOLL = (
-    (select.EPOLLIN, POLL_IN), (select.EPOLLOUT, POLL_OUT), (select.EPOLLPRI, POLL_PRI),
-    (select.EPOLLERR, POLL_ERR), (select.EPOLLHUP, POLL_HUP),
+    (select.EPOLLIN, POLL_IN),
+    (select.EPOLLOUT, POLL_OUT),
+    (select.EPOLLPRI, POLL_PRI),
+    (select.EPOLLERR, POLL_ERR),
+    (select.EPOLLHUP, POLL_HUP),
 )
 # Output batches counted in the histogram: a slirp cycle may emit more.
 BATCH_BUCKETS = 64
@@ -65,9 +68,14 @@ def fakeMac(address):
 
 def arpPacket(op, senderMac, senderIp, targetMac, targetIp, destination):
     return (
-        destination + senderMac + struct.pack(">H", ETHERTYPE_ARP)
+        destination
+        + senderMac
+        + struct.pack(">H", ETHERTYPE_ARP)
         + struct.pack(">HHBBH", 1, ETHERTYPE_IPV4, 6, 4, op)
-        + senderMac + senderIp + targetMac + targetIp
+        + senderMac
+        + senderIp
+        + targetMac
+        + targetIp
     )
 
 
@@ -95,8 +103,7 @@ class UserStack(FileDescriptor):
 
     log = Logger()
 
-    def __init__(self, interface, mtu, deliver, drops, reactor, listens=(), exposures=(),
-                 clock=time.monotonic_ns):
+    def __init__(self, interface, mtu, deliver, drops, reactor, listens=(), exposures=(), clock=time.monotonic_ns):
         FileDescriptor.__init__(self, reactor)
         self.interface = interface
         self.mtu = min(mtu, slirp.MAX_MTU)
@@ -135,7 +142,11 @@ class UserStack(FileDescriptor):
             self._create()
             self._forward()
             self.udp = UdpFlows(
-                self.interface, self.mtu, self._emit, self.drops, self.reactor,
+                self.interface,
+                self.mtu,
+                self._emit,
+                self.drops,
+                self.reactor,
                 listens=[item for item in self.listens if item.proto == "udp"],
                 exposures=[item for item in self.exposures if item.proto == "udp"],
             )
@@ -187,9 +198,19 @@ class UserStack(FileDescriptor):
             self._callback("void(*)(Slirp *, void *)", self._nothing2),
             self._callback("void *(*)(SlirpTimerId, void *, void *)", self._noTimer),
         ]
-        (callbacks.send_packet, callbacks.guest_error, callbacks.clock_get_ns, callbacks.timer_new,
-         callbacks.timer_free, callbacks.timer_mod, callbacks.register_poll_fd, callbacks.unregister_poll_fd,
-         callbacks.notify, callbacks.init_completed, callbacks.timer_new_opaque) = self._keep
+        (
+            callbacks.send_packet,
+            callbacks.guest_error,
+            callbacks.clock_get_ns,
+            callbacks.timer_new,
+            callbacks.timer_free,
+            callbacks.timer_mod,
+            callbacks.register_poll_fd,
+            callbacks.unregister_poll_fd,
+            callbacks.notify,
+            callbacks.init_completed,
+            callbacks.timer_new_opaque,
+        ) = self._keep
         self._addPoll = self._callback("SlirpAddPollCb", self._addPollFd, -1)
         self._getRevents = self._callback("SlirpGetREventsCb", self._reventsOf, 0)
         self._config = config
@@ -204,8 +225,12 @@ class UserStack(FileDescriptor):
                 continue
             before = self._pollingFds()
             result = lib.slirp_add_hostfwd(
-                self._slirp, 0, slirp.inAddr(ffi, listen.address)[0], listen.port,
-                slirp.inAddr(ffi, listen.tunAddress)[0], listen.tunPort,
+                self._slirp,
+                0,
+                slirp.inAddr(ffi, listen.address)[0],
+                listen.port,
+                slirp.inAddr(ffi, listen.tunAddress)[0],
+                listen.tunPort,
             )
             if result < 0:
                 raise UserStackError(
@@ -551,7 +576,7 @@ def removeStaleSocketDirs(root=None):
         name = entry.name
         if not name.startswith(SOCKET_DIR_PREFIX):
             continue
-        pid = name[len(SOCKET_DIR_PREFIX):].split("-", 1)[0]
+        pid = name[len(SOCKET_DIR_PREFIX) :].split("-", 1)[0]
         try:
             if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
                 continue

@@ -89,14 +89,13 @@ def udpPacket(source, sourcePort, destination, destinationPort, data, ident=0):
     """
     length = UDP_HEADER + len(data)
     total = IP_HEADER + length
-    header = bytearray(_HEADERS.pack(
-        0x45, 0, total, ident & 0xFFFF, 0, TTL, UDP, 0, source, destination,
-        sourcePort, destinationPort, length, 0,
-    ))
-    header[10:12] = struct.pack(">H", ~onesSum(bytes(header[:IP_HEADER])) & 0xFFFF)
-    header[26:28] = struct.pack(
-        ">H", udpChecksum(source, destination, bytes(header[IP_HEADER:]) + data)
+    header = bytearray(
+        _HEADERS.pack(
+            0x45, 0, total, ident & 0xFFFF, 0, TTL, UDP, 0, source, destination, sourcePort, destinationPort, length, 0
+        )
     )
+    header[10:12] = struct.pack(">H", ~onesSum(bytes(header[:IP_HEADER])) & 0xFFFF)
+    header[26:28] = struct.pack(">H", udpChecksum(source, destination, bytes(header[IP_HEADER:]) + data))
     return bytes(header) + data
 
 
@@ -129,7 +128,7 @@ def parseUdp(packet):
     sourcePort, destinationPort, length = _PORTS.unpack_from(packet, start)
     if length < UDP_HEADER or start + length > len(packet) or destinationPort == 0 or sourcePort == 0:
         return None, "udp_malformed"
-    segment = packet[start:start + length]
+    segment = packet[start : start + length]
     if segment[6:8] != b"\0\0":
         pseudo = packet[12:20] + struct.pack(">BBH", 0, UDP, length)
         if _fold(onesSum(pseudo) + onesSum(segment)) != 0xFFFF:
@@ -204,8 +203,19 @@ class UdpFlows:
     into the tunnel; C{drops} is a L{ent.stats.DropReporter}.
     """
 
-    def __init__(self, interface, mtu, emit, drops, reactor, listens=(), exposures=(),
-                 idleTimeout=IDLE_TIMEOUT, maxFlows=MAX_FLOWS, ephemeral=EPHEMERAL):
+    def __init__(
+        self,
+        interface,
+        mtu,
+        emit,
+        drops,
+        reactor,
+        listens=(),
+        exposures=(),
+        idleTimeout=IDLE_TIMEOUT,
+        maxFlows=MAX_FLOWS,
+        ephemeral=EPHEMERAL,
+    ):
         self.interface = interface
         self.own = interface.ip.packed
         self.mtu = mtu
@@ -241,7 +251,9 @@ class UdpFlows:
         for listen in self.listens:
             try:
                 port = self.reactor.listenUDP(
-                    listen.port, _ListenProtocol(self, listen), interface=listen.address or "",
+                    listen.port,
+                    _ListenProtocol(self, listen),
+                    interface=listen.address or "",
                     maxPacketSize=MAX_DATAGRAM,
                 )
             except CannotListenError as e:
@@ -330,7 +342,7 @@ class UdpFlows:
         flow = _ServerFlow(key, self.reactor.seconds(), self, exposure, datagram.source, datagram.sourcePort)
         try:
             flow.port = self.reactor.listenUDP(
-                0, flow, interface="127.0.0.1" if host.startswith("127.") else "", maxPacketSize=MAX_DATAGRAM,
+                0, flow, interface="127.0.0.1" if host.startswith("127.") else "", maxPacketSize=MAX_DATAGRAM
             )
             flow.port.connect(host, exposure.port)
         except (CannotListenError, OSError):
@@ -365,8 +377,7 @@ class UdpFlows:
             if tunnelPort is None:
                 self._count("udp_flow_limit", leg="tun")
                 return
-            flow = _ClientFlow(key, self.reactor.seconds(), protocol.listen, address, tunnelPort,
-                               protocol.transport)
+            flow = _ClientFlow(key, self.reactor.seconds(), protocol.listen, address, tunnelPort, protocol.transport)
             self.clientFlows[key] = flow
             self.byTunnelPort[tunnelPort] = flow
             self._opened(flow)
@@ -419,4 +430,3 @@ class UdpFlows:
         else:
             self.clientFlows.pop(flow.key, None)
             self.byTunnelPort.pop(flow.tunnelPort, None)
-

@@ -75,8 +75,11 @@ class TableGuard:
         def done(result):
             _, err, code = result
             if code != 0:
-                self.log.error("nft could not {action} captured connections: {error}",
-                               action="admit" if up else "refuse", error=err.decode(errors="replace").strip())
+                self.log.error(
+                    "nft could not {action} captured connections: {error}",
+                    action="admit" if up else "refuse",
+                    error=err.decode(errors="replace").strip(),
+                )
             else:
                 self.log.info("captured connections {state}", state="admitted" if up else "refused at once")
 

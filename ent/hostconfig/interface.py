@@ -40,5 +40,4 @@ def configureTun(name, address, prefixlen, mtu):
     except NetlinkError as e:
         if e.code == errno.EPERM:
             raise PrivilegeError(f"cannot configure {name}: run as root")
-        raise TunError(f"cannot configure {name} ({address}/{prefixlen}, "
-                       f"mtu {mtu}): {e}")
+        raise TunError(f"cannot configure {name} ({address}/{prefixlen}, mtu {mtu}): {e}")

@@ -34,8 +34,7 @@ class AgentRecord:
     _FIELDS = (("route-table", "routeTable"), ("priority", "priority"), ("gateway-port", "gatewayPort"))
 
     def comment(self):
-        pairs = [f"{key}={getattr(self, name)}" for key, name in self._FIELDS
-                 if getattr(self, name) is not None]
+        pairs = [f"{key}={getattr(self, name)}" for key, name in self._FIELDS if getattr(self, name) is not None]
         return " ".join(["ent-agent", *pairs])
 
     @classmethod
@@ -80,8 +79,7 @@ def tableName(tunName):
     """
     if not _IDENTIFIER.match(tunName):
         raise ConfigurationError(
-            f"--tun-name {tunName!r}: nftables cannot name a table after it; "
-            "use letters, digits, '_', '-' and '.'"
+            f"--tun-name {tunName!r}: nftables cannot name a table after it; use letters, digits, '_', '-' and '.'"
         )
     return "ent_" + tunName
 
@@ -111,10 +109,12 @@ def _mappingRules(plan, match):
     lines = []
     specific = sorted(plan.mappings, key=lambda m: m.address is None)
     for (proto, address, tunAddress, tunPort), group in _grouped(
-            specific, lambda m: (m.proto, m.address, m.tunAddress, m.tunPort)):
+        specific, lambda m: (m.proto, m.address, m.tunAddress, m.tunPort)
+    ):
         destination = f"ip daddr {address} " if address else ""
-        lines.append(f"{match} {destination}{proto} dport {_portSet([m.port for m in group])} "
-                     f"dnat to {tunAddress}:{tunPort}")
+        lines.append(
+            f"{match} {destination}{proto} dport {_portSet([m.port for m in group])} dnat to {tunAddress}:{tunPort}"
+        )
     return lines
 
 
@@ -140,8 +140,11 @@ def _acceptExposed(plan, local):
     the service's, so match the port the tunnel asked for.  One rule per
     port: nft lists a set of ct proto-dst values as "[invalid type]".
     """
-    return [f"ct original ip daddr {plan.tunAddress} meta l4proto {e.proto} ct original proto-dst {e.tunPort} accept"
-            for e in plan.exposures if (e.host is None) == local]
+    return [
+        f"ct original ip daddr {plan.tunAddress} meta l4proto {e.proto} ct original proto-dst {e.tunPort} accept"
+        for e in plan.exposures
+        if (e.host is None) == local
+    ]
 
 
 def _chain(name, lines, hook=None, kind="nat", priority=None):
@@ -229,11 +232,7 @@ def installScript(plan):
     One atomic transaction: drop any stale table of ours, create the new one.
     """
     table = tableName(plan.tunName)
-    return (
-        f"add table ip {table}\n"
-        f"delete table ip {table}\n"
-        f"table ip {table} {{\n{rulesFor(plan)}}}\n"
-    )
+    return f"add table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n{rulesFor(plan)}}}\n"
 
 
 def removeScript(tunName):
@@ -248,8 +247,7 @@ def _nft(argv, script=None, nft="nft"):
     """
     try:
         result = subprocess.run(
-            [nft, *argv], input=None if script is None else script.encode(),
-            capture_output=True, timeout=10,
+            [nft, *argv], input=None if script is None else script.encode(), capture_output=True, timeout=10
         )
     except FileNotFoundError:
         raise NetfilterError(f"{nft} not found: install the nftables package")

@@ -209,8 +209,7 @@ def checkConflicts(state, tunName, ports, gatewayPort=None):
     for name, record in state.records.items():
         if name != tunName and name in state.interfaces and record.gatewayPort in ports:
             raise RoutingError(
-                f"--dport {record.gatewayPort} would capture the gateway connection "
-                f"of the agent on {name}"
+                f"--dport {record.gatewayPort} would capture the gateway connection of the agent on {name}"
             )
 
 
@@ -235,8 +234,9 @@ def removePolicy(table, tunName, records=None, ipr=None):
         if claim is None:
             return 0
         if claim.alive and claim.tunName != tunName:
-            log.warn("table {table} is the agent's on {owner}: its rules are left alone",
-                     table=table, owner=claim.tunName)
+            log.warn(
+                "table {table} is the agent's on {owner}: its rules are left alone", table=table, owner=claim.tunName
+            )
             return 0
         removed = 0
         for rule in ipr.get_rules(family=socket.AF_INET):
@@ -257,8 +257,14 @@ def removePolicy(table, tunName, records=None, ipr=None):
                 removed += 1
         for route in ipr.route("dump", table=table):
             if route.get("proto") == RTPROT_ENT:
-                ipr.route("del", table=table, dst="0.0.0.0/0", oif=route.get_attr("RTA_OIF"),
-                          type=route["type"], priority=route.get_attr("RTA_PRIORITY"))
+                ipr.route(
+                    "del",
+                    table=table,
+                    dst="0.0.0.0/0",
+                    oif=route.get_attr("RTA_OIF"),
+                    type=route["type"],
+                    priority=route.get_attr("RTA_PRIORITY"),
+                )
     except NetlinkError as e:
         raise _wrap(f"removing policy routing of table {table}", e)
     if removed:
@@ -304,7 +310,9 @@ def installPolicy(policy, gatewayPort=None, records=None):
         raise _wrap(action, e)
     log.info(
         "policy rules for tcp ports {ports} route via {tun} (table {table}, priority {priority})",
-        ports=",".join(map(str, policy.ports)), tun=policy.tunName, table=policy.table,
+        ports=",".join(map(str, policy.ports)),
+        tun=policy.tunName,
+        table=policy.table,
         priority=policy.priority,
     )
 
@@ -331,8 +339,9 @@ def ruleArguments(policy, capture):
 
 def _add(ipr, policy):
     (index,) = ipr.link_lookup(ifname=policy.tunName)
-    ipr.route("add", dst="0.0.0.0/0", type="unreachable", table=policy.table, proto=RTPROT_ENT,
-              priority=FAIL_CLOSED_METRIC)
+    ipr.route(
+        "add", dst="0.0.0.0/0", type="unreachable", table=policy.table, proto=RTPROT_ENT, priority=FAIL_CLOSED_METRIC
+    )
     ipr.route("add", dst="0.0.0.0/0", oif=index, table=policy.table, proto=RTPROT_ENT)
     for capture in policy.rules():
         ipr.rule("add", **ruleArguments(policy, capture))

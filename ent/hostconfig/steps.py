@@ -60,7 +60,9 @@ def run(step, **spec):
     try:
         result = subprocess.run(
             [sys.executable, "-m", "ent.hostconfig.steps", step, json.dumps(spec)],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except subprocess.TimeoutExpired:
         raise errors.StartupError(f"host configuration step {step!r} timed out")
@@ -80,7 +82,7 @@ def run(step, **spec):
 
 
 def main(argv=None):
-    step, spec = (argv or sys.argv[1:])
+    step, spec = argv or sys.argv[1:]
     try:
         result = STEPS[step](json.loads(spec))
     except errors.EntError as e:

@@ -56,9 +56,12 @@ def makeCa(directory, common="ENT test CA"):
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(common)).issuer_name(_name(common))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
+        .subject_name(_name(common))
+        .issuer_name(_name(common))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .sign(key, hashes.SHA256())
@@ -83,14 +86,16 @@ def makeCertificate(directory, name, alternatives=(), ca=None):
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(name)).issuer_name(caCert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
+        .subject_name(_name(name))
+        .issuer_name(caCert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
         .sign(caKey, hashes.SHA256())
     )
@@ -101,9 +106,7 @@ def makeCertificate(directory, name, alternatives=(), ca=None):
 
 
 def main(argv=None):
-    parser = ArgumentParser(
-        prog="python -m ent certs", description=__doc__.strip().splitlines()[0]
-    )
+    parser = ArgumentParser(prog="python -m ent certs", description=__doc__.strip().splitlines()[0])
     parser.add_argument("directory")
     parser.add_argument("names", nargs="+", metavar="NAME[=ALT,ALT...]")
     addVersionOption(parser, "ent certs")

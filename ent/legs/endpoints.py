@@ -56,7 +56,8 @@ class DescribedEndpoint:
             self.log.warn(
                 "cannot connect to {endpoint}: {reason}",
                 leg=self.legStats.name if self.legStats is not None else None,
-                endpoint=self.description, reason=failureText(reason),
+                endpoint=self.description,
+                reason=failureText(reason),
             )
             return reason
 

@@ -142,9 +142,7 @@ class RatsTlsTransport(abstract.FileDescriptor):
         self.protocol = protocol
         self.connected = 1
         self.startReading()
-        self._shutdownTrigger = self.reactor.addSystemEventTrigger(
-            "before", "shutdown", self._abortForShutdown
-        )
+        self._shutdownTrigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._abortForShutdown)
         protocol.makeConnection(self)
 
     def _abortForShutdown(self):
@@ -270,9 +268,7 @@ class RatsTlsTransport(abstract.FileDescriptor):
         self.disconnecting = True
         self.stopReading()
         self.stopWriting()
-        self.reactor.callLater(
-            0, self.connectionLost, Failure(error.ConnectionAborted("rats-tls connection aborted"))
-        )
+        self.reactor.callLater(0, self.connectionLost, Failure(error.ConnectionAborted("rats-tls connection aborted")))
 
     def connectionLost(self, reason):
         if self.disconnected:
@@ -331,8 +327,7 @@ class RatsTlsClientEndpoint:
 
     log = Logger()
 
-    def __init__(self, reactor, host, port, settings, timeout=10.0, leg="rats-tls",
-                 onHandshakeFailed=None):
+    def __init__(self, reactor, host, port, settings, timeout=10.0, leg="rats-tls", onHandshakeFailed=None):
         self.reactor = reactor
         self.host = host
         self.port = port
@@ -361,7 +356,9 @@ class RatsTlsClientEndpoint:
                 self.onHandshakeFailed()
             self.log.error(
                 "{leg} leg: rats-tls handshake with {peer} failed: {reason}",
-                leg=self.leg, peer=f"{self.host}:{self.port}", reason=str(e),
+                leg=self.leg,
+                peer=f"{self.host}:{self.port}",
+                reason=str(e),
             )
             raise error.ConnectError(f"{self.host}:{self.port}", f"rats-tls handshake failed: {e}")
         transport = RatsTlsTransport(self.reactor, sock, session, self.leg)
@@ -413,7 +410,9 @@ class _HandshakePort(tcp.Port):
                 self.onHandshakeFailed()
             self.log.error(
                 "{leg} leg: rats-tls handshake with {peer} failed, connection refused: {reason}",
-                leg=self.leg, peer=peer, reason=str(e),
+                leg=self.leg,
+                peer=peer,
+                reason=str(e),
             )
             return
         if not self.connected:
@@ -453,8 +452,7 @@ class RatsTlsServerEndpoint:
     client before its protocol sees it.
     """
 
-    def __init__(self, reactor, port, settings, interface="", leg="rats-tls",
-                 onHandshakeFailed=None):
+    def __init__(self, reactor, port, settings, interface="", leg="rats-tls", onHandshakeFailed=None):
         self.reactor = reactor
         self.port = port
         self.settings = settings
@@ -465,7 +463,12 @@ class RatsTlsServerEndpoint:
     def listen(self, protocolFactory):
         def start():
             port = _HandshakePort(
-                self.port, protocolFactory, self.settings, self.leg, self.interface, self.reactor,
+                self.port,
+                protocolFactory,
+                self.settings,
+                self.leg,
+                self.interface,
+                self.reactor,
                 self.onHandshakeFailed,
             )
             port.startListening()

@@ -57,8 +57,12 @@ def ratsTlsSettings(choice):
     if path not in _libraries:
         _libraries[path] = ratstls.load(path)
     config = ratstls.RatsTlsConfig(
-        attester=choice.attester, verifier=choice.verifier, tls_type=choice.tlsType,
-        crypto_type=choice.cryptoType, mutual=choice.mutual, server=choice.server,
+        attester=choice.attester,
+        verifier=choice.verifier,
+        tls_type=choice.tlsType,
+        crypto_type=choice.cryptoType,
+        mutual=choice.mutual,
+        server=choice.server,
         log_level=choice.logLevel,
     )
     return RatsTlsSettings(_libraries[path], config)
@@ -85,7 +89,11 @@ def secureClient(reactor, endpoint, security, description, leg="rats-tls", stats
         host = hostOf(description)
         port = parsePort(description.rpartition(":")[2])
         endpoint = RatsTlsClientEndpoint(
-            reactor, host, port, ratsTlsSettings(security.ratsTls), leg=leg,
+            reactor,
+            host,
+            port,
+            ratsTlsSettings(security.ratsTls),
+            leg=leg,
             onHandshakeFailed=_handshakeCounter(stats, leg, "rats-tls"),
         )
         description = f"{description} (rats-tls)"
@@ -103,7 +111,11 @@ def secureServer(reactor, endpoint, security, description, leg="rats-tls", stats
 
         interface, _, port = description.rpartition(":")
         return RatsTlsServerEndpoint(
-            reactor, parsePort(port), ratsTlsSettings(security.ratsTls), interface=interface,
-            leg=leg, onHandshakeFailed=_handshakeCounter(stats, leg, "rats-tls"),
+            reactor,
+            parsePort(port),
+            ratsTlsSettings(security.ratsTls),
+            interface=interface,
+            leg=leg,
+            onHandshakeFailed=_handshakeCounter(stats, leg, "rats-tls"),
         )
     return endpoint

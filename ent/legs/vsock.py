@@ -133,7 +133,7 @@ class VsockPort(tcp.Port):
             tcp.Port.startListening(self)
         except error.CannotListenError as e:
             raise error.CannotListenError(
-                f"vsock:{_anyOr(self.interface, CID_ANY)}", _anyOr(self.port, PORT_ANY), e.socketError,
+                f"vsock:{_anyOr(self.interface, CID_ANY)}", _anyOr(self.port, PORT_ANY), e.socketError
             ) from None
 
     def _buildAddr(self, address):
@@ -277,7 +277,9 @@ class VsockClientParser:
     def parseStreamClient(self, reactor, *args, **kwargs):
         fields = _fields("client", "vsock:CID:PORT", ("cid", "port"), ("timeout",), args, kwargs)
         return VsockClientEndpoint(
-            reactor, parseCid(fields["cid"]), parsePort(fields["port"]),
+            reactor,
+            parseCid(fields["cid"]),
+            parsePort(fields["port"]),
             _positive(fields.get("timeout", DEFAULT_TIMEOUT), "timeout"),
         )
 
@@ -294,6 +296,5 @@ class VsockServerParser:
         fields = _fields("server", "vsock:PORT[:cid=CID]", ("port",), ("cid", "backlog"), args, kwargs)
         cid = parseCid(fields["cid"]) if "cid" in fields else CID_ANY
         return VsockServerEndpoint(
-            reactor, parsePort(fields["port"], listen=True), cid,
-            _positive(fields.get("backlog", 50), "backlog"),
+            reactor, parsePort(fields["port"], listen=True), cid, _positive(fields.get("backlog", 50), "backlog")
         )

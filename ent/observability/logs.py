@@ -33,8 +33,7 @@ def eventAsRecord(event):
     """
     level = event.get("log_level")
     record = {
-        "time": datetime.fromtimestamp(event.get("log_time", 0), UTC)
-        .isoformat(timespec="milliseconds"),
+        "time": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(timespec="milliseconds"),
         "level": level.name if level is not None else ("error" if event.get("isError") else "info"),
         "namespace": event.get("log_namespace") or event.get("system") or "-",
         "message": formatEvent(event),

@@ -54,19 +54,17 @@ class StatsCollector:
         yield info
         if stats.started is not None:
             yield GaugeMetricFamily(
-                "ent_start_time_seconds", "When the service started (Unix time).", value=stats.started,
+                "ent_start_time_seconds", "When the service started (Unix time).", value=stats.started
             )
         yield from self._legs(stats)
         dropped = CounterMetricFamily(
-            "ent_dropped", "Packets, frames or connections dropped, by leg and reason.",
-            labels=["leg", "reason"],
+            "ent_dropped", "Packets, frames or connections dropped, by leg and reason.", labels=["leg", "reason"]
         )
         for (leg, reason), n in sorted(stats.drops.total.items()):
             dropped.add_metric([leg, reason], n)
         yield dropped
         failures = CounterMetricFamily(
-            "ent_handshake_failures", "Failed TLS or rats-tls handshakes, by leg and kind.",
-            labels=["leg", "kind"],
+            "ent_handshake_failures", "Failed TLS or rats-tls handshakes, by leg and kind.", labels=["leg", "kind"]
         )
         for (leg, kind), n in sorted(stats.handshakeFailures.items()):
             failures.add_metric([leg, kind], n)
@@ -80,7 +78,8 @@ class StatsCollector:
                 "ent_tunnel_dropped",
                 "Packets from the tunnel that containment dropped (the table's nftables counters, "
                 "read every few seconds), by hook: input (to this host), forward (through it).",
-                labels=["hook"])
+                labels=["hook"],
+            )
             for hook, packets in sorted(stats.tunnelDrops.items()):
                 contained.add_metric([hook], packets)
             yield contained
@@ -95,12 +94,18 @@ class StatsCollector:
         """
         legs = GaugeMetricFamily("ent_gateway_legs", "Legs connected now, by side.", labels=["side"])
         paused = GaugeMetricFamily(
-            "ent_gateway_legs_paused", "Legs not read now (their target is full or the other side is missing).",
-            labels=["side"])
+            "ent_gateway_legs_paused",
+            "Legs not read now (their target is full or the other side is missing).",
+            labels=["side"],
+        )
         owned = GaugeMetricFamily(
-            "ent_gateway_addresses", "Addresses learned from the legs' frames, by side.", labels=["side"])
+            "ent_gateway_addresses", "Addresses learned from the legs' frames, by side.", labels=["side"]
+        )
         prefixes = GaugeMetricFamily(
-            "ent_gateway_prefixes", "Prefixes (--allowed-ips, --entg-connect) owned by connected legs.", value=len(router.prefixes))
+            "ent_gateway_prefixes",
+            "Prefixes (--allowed-ips, --entg-connect) owned by connected legs.",
+            value=len(router.prefixes),
+        )
         for side, connected in sorted(router.legs.items()):
             legs.add_metric([side], len(connected))
             paused.add_metric([side], sum(1 for leg in connected if leg.holds))
@@ -113,22 +118,22 @@ class StatsCollector:
         if not legs:
             return
         up = GaugeMetricFamily("ent_leg_up", "1 while the leg is connected.", labels=["leg"])
-        connections = CounterMetricFamily(
-            "ent_leg_connections", "Times the leg came up.", labels=["leg"])
+        connections = CounterMetricFamily("ent_leg_connections", "Times the leg came up.", labels=["leg"])
         reconnects = CounterMetricFamily(
-            "ent_leg_reconnects", "Times the leg came up again after its first connection.",
-            labels=["leg"])
-        disconnects = CounterMetricFamily(
-            "ent_leg_disconnects", "Times the leg went down.", labels=["leg"])
+            "ent_leg_reconnects", "Times the leg came up again after its first connection.", labels=["leg"]
+        )
+        disconnects = CounterMetricFamily("ent_leg_disconnects", "Times the leg went down.", labels=["leg"])
         connectFailures = CounterMetricFamily(
-            "ent_leg_connect_failures", "Failed attempts to connect the leg (handshakes included).",
-            labels=["leg"])
+            "ent_leg_connect_failures", "Failed attempts to connect the leg (handshakes included).", labels=["leg"]
+        )
         packets = CounterMetricFamily(
-            "ent_leg_packets", "Frames (one IP packet each) received and sent on the leg.",
-            labels=["leg", "direction"])
+            "ent_leg_packets", "Frames (one IP packet each) received and sent on the leg.", labels=["leg", "direction"]
+        )
         octets = CounterMetricFamily(
-            "ent_leg_bytes", "Bytes of the leg's stream, frame headers included, before TLS.",
-            labels=["leg", "direction"])
+            "ent_leg_bytes",
+            "Bytes of the leg's stream, frame headers included, before TLS.",
+            labels=["leg", "direction"],
+        )
         for leg in legs:
             name = [leg.name]
             up.add_metric(name, 1 if leg.up else 0)
@@ -145,45 +150,48 @@ class StatsCollector:
     @staticmethod
     def _tun(tun):
         packets = CounterMetricFamily(
-            "ent_tun_packets", "Packets read from and written to the TUN.", labels=["direction"])
+            "ent_tun_packets", "Packets read from and written to the TUN.", labels=["direction"]
+        )
         packets.add_metric(["read"], tun.packetsRead)
         packets.add_metric(["written"], tun.packetsWritten)
         yield packets
-        octets = CounterMetricFamily(
-            "ent_tun_bytes", "Bytes read from and written to the TUN.", labels=["direction"])
+        octets = CounterMetricFamily("ent_tun_bytes", "Bytes read from and written to the TUN.", labels=["direction"])
         octets.add_metric(["read"], tun.bytesRead)
         octets.add_metric(["written"], tun.bytesWritten)
         yield octets
-        yield histogramOf(
-            "ent_tun_read_batch_packets", "Packets read from the TUN per wakeup.", tun.batches,
-        )
+        yield histogramOf("ent_tun_read_batch_packets", "Packets read from the TUN per wakeup.", tun.batches)
         yield GaugeMetricFamily(
-            "ent_tun_paused", "1 while the TUN reader is paused (the leg is full or down).",
-            value=1 if tun.paused else 0)
-        yield CounterMetricFamily(
-            "ent_tun_pauses", "Times the TUN reader was paused.", value=tun.pauses)
+            "ent_tun_paused",
+            "1 while the TUN reader is paused (the leg is full or down).",
+            value=1 if tun.paused else 0,
+        )
+        yield CounterMetricFamily("ent_tun_pauses", "Times the TUN reader was paused.", value=tun.pauses)
         dropped = kernelDrops(tun.name) if tun.name else None
         if dropped is not None:
             yield CounterMetricFamily(
                 "ent_tun_kernel_dropped",
                 "Packets the kernel dropped because the TUN queue was full (reader paused or slow).",
-                value=dropped)
+                value=dropped,
+            )
 
     @staticmethod
     def _relay(relay):
+        yield GaugeMetricFamily("ent_relay_connections_open", "Relayed connections open now.", value=relay.open)
         yield GaugeMetricFamily(
-            "ent_relay_connections_open", "Relayed connections open now.", value=relay.open)
-        yield GaugeMetricFamily(
-            "ent_relay_connection_limit", "--max-concurrent-connections.", value=relay.maxConnections)
+            "ent_relay_connection_limit", "--max-concurrent-connections.", value=relay.maxConnections
+        )
         yield CounterMetricFamily(
-            "ent_relay_connections_accepted", "Connections accepted and relayed.", value=relay.accepted)
+            "ent_relay_connections_accepted", "Connections accepted and relayed.", value=relay.accepted
+        )
         yield CounterMetricFamily(
-            "ent_relay_connections_refused", "Connections refused at the limit.", value=relay.refused)
+            "ent_relay_connections_refused", "Connections refused at the limit.", value=relay.refused
+        )
         yield CounterMetricFamily(
-            "ent_relay_connect_failures", "Accepted connections whose target could not be reached.",
-            value=relay.failedConnects)
-        octets = CounterMetricFamily(
-            "ent_relay_bytes", "Bytes relayed, by direction.", labels=["direction"])
+            "ent_relay_connect_failures",
+            "Accepted connections whose target could not be reached.",
+            value=relay.failedConnects,
+        )
+        octets = CounterMetricFamily("ent_relay_bytes", "Bytes relayed, by direction.", labels=["direction"])
         octets.add_metric(["to_target"], relay.bytesToTarget)
         octets.add_metric(["from_target"], relay.bytesFromTarget)
         yield octets

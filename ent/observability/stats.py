@@ -90,8 +90,12 @@ class DropReporter:
         for (leg, reason), n in sorted(self._unreported.items()):
             self.log.warn(
                 "{what}: dropped {count} ({total} in all) on the {leg} leg: {description}",
-                what=self.what, count=n, total=self.total[(leg, reason)], leg=leg,
-                reason=reason, description=DROP_REASONS[reason],
+                what=self.what,
+                count=n,
+                total=self.total[(leg, reason)],
+                leg=leg,
+                reason=reason,
+                description=DROP_REASONS[reason],
             )
         self._unreported.clear()
 

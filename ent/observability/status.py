@@ -32,8 +32,7 @@ class Scrape:
             self.samples.extend(family.samples)
 
     def find(self, name, **labels):
-        return [s for s in self.samples
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+        return [s for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
 
     def value(self, name, default=0, **labels):
         found = self.find(name, **labels)
@@ -165,14 +164,17 @@ def summary(scrape, url, now=None, legs=None):
         )
         kernel = scrape.value("ent_tun_kernel_dropped_total")
         if kernel:
-            lines.append(f"  {'':<18}{int(kernel):,} packets dropped by the kernel while the reader "
-                         f"was paused (TUN queue full)")
+            lines.append(
+                f"  {'':<18}{int(kernel):,} packets dropped by the kernel while the reader was paused (TUN queue full)"
+            )
 
     contained = scrape.find("ent_tunnel_dropped_total")
     if contained:
         parts = ", ".join(f"{int(s.value):,} {s.labels.get('hook', '?')}" for s in contained)
-        lines.append(f"  {'containment':<18}{int(sum(s.value for s in contained)):,} packets from the "
-                     f"tunnel dropped ({parts}): not exposed, not a reply")
+        lines.append(
+            f"  {'containment':<18}{int(sum(s.value for s in contained)):,} packets from the "
+            f"tunnel dropped ({parts}): not exposed, not a reply"
+        )
 
     if scrape.find("ent_relay_connections_open"):
         lines.append(
@@ -211,11 +213,11 @@ def summary(scrape, url, now=None, legs=None):
 
 def main(argv=None):
     parser = ArgumentParser(
-        prog="python -m ent status",
-        description="Summarise a running ENT service from its --metrics endpoint.",
+        prog="python -m ent status", description="Summarise a running ENT service from its --metrics endpoint."
     )
-    parser.add_argument("--metrics", required=True,
-                        help="the service's metrics: HOST:PORT or URL (path /metrics by default)")
+    parser.add_argument(
+        "--metrics", required=True, help="the service's metrics: HOST:PORT or URL (path /metrics by default)"
+    )
     parser.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for the scrape")
     addVersionOption(parser, "ent status")
     args = parser.parse_args(argv)

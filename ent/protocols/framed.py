@@ -99,12 +99,12 @@ class FramedLeg(Protocol):
             else:
                 out = decoder.packets(data)
         except FramingError as e:
-            self.drops.count(
-                "zero_length_frame" if isinstance(e, EmptyFrame) else "oversize_frame", leg=self.leg,
-            )
+            self.drops.count("zero_length_frame" if isinstance(e, EmptyFrame) else "oversize_frame", leg=self.leg)
             self.log.error(
                 "{leg} leg: dropping connection from {peer}: {reason}",
-                leg=self.leg, peer=self.peerName(), reason=str(e),
+                leg=self.leg,
+                peer=self.peerName(),
+                reason=str(e),
             )
             self.decoder.clear()
             self.transport.abortConnection()
@@ -120,9 +120,7 @@ class FramedLeg(Protocol):
 
     def _armStallCheck(self):
         if self.decoder.pending and self.reading and self._stallCheck is None:
-            self._stallCheck = self.clock.callLater(
-                self.partialFrameTimeout, self._checkStall, self._completed
-            )
+            self._stallCheck = self.clock.callLater(self.partialFrameTimeout, self._checkStall, self._completed)
 
     def _cancelStallCheck(self):
         if self._stallCheck is not None:
@@ -166,7 +164,9 @@ class FramedLeg(Protocol):
         self._abortCheck = None
         self.log.warn(
             "{leg} leg: {peer} took nothing for {timeout}s while closing; connection aborted",
-            leg=self.leg, peer=self.peerName(), timeout=self.closeTimeout,
+            leg=self.leg,
+            peer=self.peerName(),
+            timeout=self.closeTimeout,
         )
         self.transport.abortConnection()
 
@@ -183,15 +183,15 @@ class FramedLeg(Protocol):
             self.log.error(
                 "{leg} leg: dropping connection from {peer}: {pending} bytes of a "
                 "frame and nothing more for {timeout}s",
-                leg=self.leg, peer=self.peerName(), pending=self.decoder.pending,
+                leg=self.leg,
+                peer=self.peerName(),
+                pending=self.decoder.pending,
                 timeout=self.partialFrameTimeout,
             )
             self.decoder.clear()  # counted once, as stalled, not again as cut off
             self.transport.abortConnection()
         else:
-            self._stallCheck = self.clock.callLater(
-                self.partialFrameTimeout, self._checkStall, self._completed
-            )
+            self._stallCheck = self.clock.callLater(self.partialFrameTimeout, self._checkStall, self._completed)
 
     def connectionLost(self, reason):
         self._cancelStallCheck()
@@ -209,7 +209,9 @@ class FramedLeg(Protocol):
             self.stats.handshakeFailed(self.leg, "tls")
             self.log.error(
                 "{leg} leg: TLS handshake with {peer} failed, connection refused: {reason}",
-                leg=self.leg, peer=self.peerName(), reason=reason.getErrorMessage(),
+                leg=self.leg,
+                peer=self.peerName(),
+                reason=reason.getErrorMessage(),
             )
 
     def legUp(self):

@@ -71,9 +71,7 @@ class FrameDecoder:
             if length == 0:
                 raise EmptyFrame("frame with length 0")
             if length > maxLength:
-                raise FrameTooLarge(
-                    f"frame of {length} bytes exceeds the maximum of {maxLength}"
-                )
+                raise FrameTooLarge(f"frame of {length} bytes exceeds the maximum of {maxLength}")
             if end - offset - HEADER_SIZE < length:
                 break
             offset += HEADER_SIZE + length

@@ -86,8 +86,13 @@ def isAnnouncement(data, start, length):
     Whether the packet of C{length} bytes at C{start} in C{data} is an
     L{announcement} (its addresses are checked by the caller).
     """
-    return (length == ANNOUNCE_SIZE and data[start] == 0x45 and data[start + 9] == 1
-            and data[start + 20] == 0 and data[start + 28:start + length] == ANNOUNCE_PAYLOAD)
+    return (
+        length == ANNOUNCE_SIZE
+        and data[start] == 0x45
+        and data[start + 9] == 1
+        and data[start + 20] == 0
+        and data[start + 28 : start + length] == ANNOUNCE_PAYLOAD
+    )
 
 
 def checksum(data):

@@ -155,7 +155,9 @@ class Router:
             # With --allowed-ips, an authenticated agent is let in by name only.
             self.log.error(
                 "{leg} {peer} ({identity}) refused: no --allowed-ips entry names it",
-                leg=side, peer=leg.peerName(), identity=leg.identityText(),
+                leg=side,
+                peer=leg.peerName(),
+                identity=leg.identityText(),
             )
             self._refuseAtConnect(leg, "identity_not_allowed")
             return
@@ -164,8 +166,12 @@ class Router:
             other, prefix = clash
             self.log.error(
                 "{leg} {peer} ({identity}) refused: {prefix} belongs to {owner} ({ownerIdentity})",
-                leg=side, peer=leg.peerName(), identity=leg.identityText(), prefix=str(prefix),
-                owner=other.peerName(), ownerIdentity=other.identityText(),
+                leg=side,
+                peer=leg.peerName(),
+                identity=leg.identityText(),
+                prefix=str(prefix),
+                owner=other.peerName(),
+                ownerIdentity=other.identityText(),
             )
             self._refuseAtConnect(leg, "address_in_use")
             return
@@ -178,8 +184,12 @@ class Router:
             mask = ((1 << prefix.prefixlen) - 1) << (prefix.max_prefixlen - prefix.prefixlen)
             self.prefixes.append((prefix.version, int(prefix.network_address), mask, prefix.prefixlen, leg))
         self.prefixes.sort(key=lambda p: -p[3])
-        self.log.info("{leg} connected from {peer}{identity}", leg=side, peer=leg.peerName(),
-                      identity=f" ({leg.identityText()})" if leg.identities else "")
+        self.log.info(
+            "{leg} connected from {peer}{identity}",
+            leg=side,
+            peer=leg.peerName(),
+            identity=f" ({leg.identityText()})" if leg.identities else "",
+        )
         if not others:
             self.hold(leg, ALONE)
             self.log.info("{leg} waits for the {other} side", leg=side, other=OTHER[side])
@@ -200,8 +210,7 @@ class Router:
             return
         self._remove(leg)
         self.log.warn(
-            "{leg} {peer} disconnected: {reason}", leg=leg.side,
-            peer=leg.peerName(), reason=reason.getErrorMessage(),
+            "{leg} {peer} disconnected: {reason}", leg=leg.side, peer=leg.peerName(), reason=reason.getErrorMessage()
         )
 
     def refuse(self, leg, owner, address):
@@ -210,8 +219,11 @@ class Router:
         """
         self.log.error(
             "{leg} {peer}{identity} refused: it sends from {address}, which {owner}{ownerIdentity} owns",
-            leg=leg.side, peer=leg.peerName(), address=addressText(address),
-            owner=owner.peerName(), identity=leg.identitySuffix(),
+            leg=leg.side,
+            peer=leg.peerName(),
+            address=addressText(address),
+            owner=owner.peerName(),
+            identity=leg.identitySuffix(),
             ownerIdentity=owner.identitySuffix(),
         )
         self.drops.count("address_in_use", leg=leg.side)
@@ -423,9 +435,9 @@ class Router:
             start = offset + HEADER_SIZE
             version = frames[start] >> 4
             if version == 4 and length >= 20:
-                src, dst = frames[start + 12:start + 16], frames[start + 16:start + 20]
+                src, dst = frames[start + 12 : start + 16], frames[start + 16 : start + 20]
             elif version == 6 and length >= 40:
-                src, dst = frames[start + 8:start + 24], frames[start + 24:start + 40]
+                src, dst = frames[start + 8 : start + 24], frames[start + 24 : start + 40]
             else:
                 src = dst = None
             if length == ANNOUNCE_SIZE and src == dst and isAnnouncement(frames, start, length):
@@ -461,8 +473,9 @@ class Router:
                 byTarget.setdefault(target, []).append((first, last, n))
         for target, pieces in byTarget.items():
             buffers = [frames[first:last] for first, last, _ in pieces]
-            self._send(source, target, buffers, sum(last - first for first, last, _ in pieces),
-                       sum(n for _, _, n in pieces))
+            self._send(
+                source, target, buffers, sum(last - first for first, last, _ in pieces), sum(n for _, _, n in pieces)
+            )
 
     @staticmethod
     def _ownedSources(agent, frames):
@@ -481,9 +494,9 @@ class Router:
             offset = start + length
             version = frames[start] >> 4
             if version == 4 and length >= 20:
-                src = frames[start + 12:start + 16]
+                src = frames[start + 12 : start + 16]
             elif version == 6 and length >= 40:
-                src = frames[start + 8:start + 24]
+                src = frames[start + 8 : start + 24]
             else:
                 continue
             if length == ANNOUNCE_SIZE or (src != last and src not in owned):
@@ -523,8 +536,11 @@ class Router:
         self.log.warn(
             "{leg} {peer}: dropping frames to {destination}: {description} "
             "(logged at most once a minute per destination)",
-            leg=source.side, peer=source.peerName(), destination=addressText(dst),
-            reason=reason, description=DROP_REASONS[reason],
+            leg=source.side,
+            peer=source.peerName(),
+            destination=addressText(dst),
+            reason=reason,
+            description=DROP_REASONS[reason],
         )
 
     # Pausing.
@@ -556,11 +572,19 @@ class Router:
             for leg in legs:
                 configured = [str(p) for p in leg.prefixes]
                 learned = sorted(addressText(a) for a in leg.owned)
-                out.append({
-                    "side": side, "peer": leg.peerName(), "identity": leg.identityShort(),
-                    "addresses": configured or learned[:8], "addressCount": len(configured or learned),
-                    "up": now - leg.since, "paused": bool(leg.holds),
-                    "packetsReceived": leg.packetsReceived, "bytesReceived": leg.bytesReceived,
-                    "packetsSent": leg.packetsSent, "bytesSent": leg.bytesSent,
-                })
+                out.append(
+                    {
+                        "side": side,
+                        "peer": leg.peerName(),
+                        "identity": leg.identityShort(),
+                        "addresses": configured or learned[:8],
+                        "addressCount": len(configured or learned),
+                        "up": now - leg.since,
+                        "paused": bool(leg.holds),
+                        "packetsReceived": leg.packetsReceived,
+                        "bytesReceived": leg.bytesReceived,
+                        "packetsSent": leg.packetsSent,
+                        "bytesSent": leg.bytesSent,
+                    }
+                )
         return out

@@ -144,7 +144,8 @@ class IncomingEnd(RelayEnd):
         self.relay.failedConnects += 1
         self.log.warn(
             "cannot relay {source} to {target}: {reason}",
-            source=addressText(self.transport.getPeer()), target=self.relay.targetDescription,
+            source=addressText(self.transport.getPeer()),
+            target=self.relay.targetDescription,
             reason=failureText(reason),
         )
         self.transport.loseConnection()

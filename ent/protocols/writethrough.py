@@ -62,6 +62,6 @@ def writeThrough(transport, buffers):
         size = len(buffer)
         if sent < size:
             rest = [buffer[sent:]] if sent else [buffer]
-            transport.writeSequence(rest + buffers[index + 1:])
+            transport.writeSequence(rest + buffers[index + 1 :])
             return
         sent -= size

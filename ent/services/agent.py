@@ -113,24 +113,25 @@ class AgentService(MultiService):
         mappings = o.get("mappings", ())
         captureFrom = tuple(o.get("capture-from", ()))
         fd = tun.openTun(name)
-        self.tun = tun.TunTransport(
-            fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor
-        )
+        self.tun = tun.TunTransport(fd, name, o["mtu"], self.packetsFromTun, self._tunWriteFailed, self.reactor)
         self.stats.tun = self.tun.stats
         self._undo.append(self._closeTun)
         ports = list(dict.fromkeys(m.port for m in mappings))
         captures = _captures(mappings, captureFrom)
         gatewayPort = o.get("gateway-port")
-        policy = hostconfig.run("policy-plan", name=name, ports=ports, table=o["route-table"],
-                                gatewayPort=gatewayPort) or {}
-        hostconfig.run("tun", name=name, address=str(interface.ip),
-                       prefixlen=interface.network.prefixlen, mtu=o["mtu"])
+        policy = (
+            hostconfig.run("policy-plan", name=name, ports=ports, table=o["route-table"], gatewayPort=gatewayPort) or {}
+        )
+        hostconfig.run("tun", name=name, address=str(interface.ip), prefixlen=interface.network.prefixlen, mtu=o["mtu"])
         if o["role"] == "bare":
             # ENG's plain agent: the host's own routes decide what enters.
             self.log.info(
                 "TUN {tun} up as {address}, mtu {mtu}; bare endpoint: no rules, "
                 "it carries whatever is routed into {tun}",
-                tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
+                tun=name,
+                address=str(interface),
+                mtu=o["mtu"],
+                role=o["role"],
             )
             return
         record = netfilter.AgentRecord(policy.get("table"), policy.get("priority"), gatewayPort)
@@ -140,15 +141,17 @@ class AgentService(MultiService):
         self.guard = TableGuard(name, self.stats, self.reactor, failClosed=bool(mappings))
         if policy:
             self._undo.append(lambda: hostconfig.run("policy-down", name=name, table=policy["table"]))
-            hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, captures=captures,
-                           **policy)
+            hostconfig.run("policy-up", name=name, ports=ports, gatewayPort=gatewayPort, captures=captures, **policy)
         services = [_describe(item) for item in (*mappings, *o.get("exposures", ()))]
         self.log.info(
-            "TUN {tun} up as {address}, mtu {mtu}; {carries} {services}{route}; "
-            "from the tunnel only {accepted}",
-            tun=name, address=str(interface), mtu=o["mtu"], role=o["role"],
+            "TUN {tun} up as {address}, mtu {mtu}; {carries} {services}{route}; from the tunnel only {accepted}",
+            tun=name,
+            address=str(interface),
+            mtu=o["mtu"],
+            role=o["role"],
             carries="maps" if mappings else "exposes",
-            services=", ".join(services), peer=str(o["peer-addr"]),
+            services=", ".join(services),
+            peer=str(o["peer-addr"]),
             accepted="exposed services, ping and replies" if o["role"] == "replay" else "ping and replies",
             route=" (route table {table}, rule priority {priority})".format(**policy) if policy else "",
         )
@@ -161,8 +164,13 @@ class AgentService(MultiService):
         """
         o = self.options
         stack = userstack.UserStack(
-            o["tun-interface"], o["mtu"], self.packetsFromTun, self.drops, self.reactor,
-            listens=o["listens"], exposures=o["exposures"],
+            o["tun-interface"],
+            o["mtu"],
+            self.packetsFromTun,
+            self.drops,
+            self.reactor,
+            listens=o["listens"],
+            exposures=o["exposures"],
         )
         stack.start()
         self.tun = stack
@@ -176,8 +184,11 @@ class AgentService(MultiService):
         self.log.info(
             "user-space stack (libslirp {version}) up as {address}, mtu {mtu}; {carries} {services}; "
             "from the tunnel only {accepted}",
-            version=stack.version, address=str(o["tun-interface"]), mtu=stack.mtu,
-            carries="listens" if o["listens"] else "exposes", services=", ".join(services),
+            version=stack.version,
+            address=str(o["tun-interface"]),
+            mtu=stack.mtu,
+            carries="listens" if o["listens"] else "exposes",
+            services=", ".join(services),
             accepted="exposed services" if o["exposures"] else "replies",
         )
 
@@ -188,10 +199,12 @@ class AgentService(MultiService):
         host = exposure.host or "127.0.0.1"
         relay = SocketRelayFactory(
             TCP4ClientEndpoint(self.reactor, host, exposure.port, timeout=10),
-            f"{host}:{exposure.port}", DEFAULT_MAX_CONNECTIONS, self.drops,
+            f"{host}:{exposure.port}",
+            DEFAULT_MAX_CONNECTIONS,
+            self.drops,
         )
         listening = UNIXServerEndpoint(
-            self.reactor, stack.socketPath(exposure), backlog=userstack.LISTEN_BACKLOG, mode=0o600,
+            self.reactor, stack.socketPath(exposure), backlog=userstack.LISTEN_BACKLOG, mode=0o600
         ).listen(relay)
         failures = []
         listening.addCallbacks(self._exposurePorts.append, failures.append)
@@ -259,7 +272,8 @@ class AgentService(MultiService):
             self.unconfigureHost()
             self.log.info(
                 "agent stopped: {packetsOut} packets sent, {packetsIn} received",
-                packetsOut=self.linkStats.packetsSent, packetsIn=self.linkStats.packetsReceived,
+                packetsOut=self.linkStats.packetsSent,
+                packetsIn=self.linkStats.packetsReceived,
             )
             return result
 
@@ -296,7 +310,9 @@ class AgentService(MultiService):
             self.tun.pauseProducing()
         self.log.warn(
             "lost gateway {peer}: {reason}{next}",
-            leg=link.leg, peer=link.peerName(), reason=reason.getErrorMessage(),
+            leg=link.leg,
+            peer=link.peerName(),
+            reason=reason.getErrorMessage(),
             next="; reconnecting" if self.running else "",
         )
 
@@ -329,7 +345,9 @@ class AgentService(MultiService):
             self._writeErrors.add(error.errno)
             self.log.error(
                 "TUN {tun} refused a packet: {reason} (further ones are counted)",
-                tun=self.options["tun-name"], leg="tun", reason=error.strerror,
+                tun=self.options["tun-name"],
+                leg="tun",
+                reason=error.strerror,
             )
 
 

@@ -14,8 +14,12 @@ def makeAgentService(options, reactor):
     def build():
         stats = ServiceStats("enta", reactor)
         endpoint = secureClient(
-            reactor, clientEndpoint(reactor, options["entg-connect"], "--entg-connect"), options["entg-security"],
-            options["entg-connect"], leg="gateway", stats=stats,
+            reactor,
+            clientEndpoint(reactor, options["entg-connect"], "--entg-connect"),
+            options["entg-security"],
+            options["entg-connect"],
+            leg="gateway",
+            stats=stats,
         )
         return guarded("enta", AgentService(options, endpoint, reactor, stats), options, reactor)
 
@@ -29,25 +33,45 @@ def makeGatewayService(options, reactor):
     def build():
         stats = ServiceStats("entg", reactor)
         peers = [
-            (secureClient(
-                reactor, clientEndpoint(reactor, peer.description, "--entg-connect"), peer.security,
-                peer.description, leg="peer", stats=stats,
-            ), peer.routes)
+            (
+                secureClient(
+                    reactor,
+                    clientEndpoint(reactor, peer.description, "--entg-connect"),
+                    peer.security,
+                    peer.description,
+                    leg="peer",
+                    stats=stats,
+                ),
+                peer.routes,
+            )
             for peer in options["entg-peers"]
         ]
         peerListen = None
         if options["entg-listen"] is not None:
             peerListen = secureServer(
-                reactor, serverEndpoint(reactor, options["entg-listen"], "--entg-listen"),
-                options["entg-listen-security"], options["entg-listen"], leg="peer", stats=stats,
+                reactor,
+                serverEndpoint(reactor, options["entg-listen"], "--entg-listen"),
+                options["entg-listen-security"],
+                options["entg-listen"],
+                leg="peer",
+                stats=stats,
             )
         agentListen = secureServer(
-            reactor, serverEndpoint(reactor, options["enta-listen"], "--enta-listen"), options["enta-security"],
-            options["enta-listen"], leg="agent", stats=stats,
+            reactor,
+            serverEndpoint(reactor, options["enta-listen"], "--enta-listen"),
+            options["enta-security"],
+            options["enta-listen"],
+            leg="agent",
+            stats=stats,
         )
         service = GatewayService(
-            agentListen, reactor, peers=peers, peerListen=peerListen, stats=stats,
-            allowedIps=options["allowed-ips"], agentToAgent=bool(options["agent-to-agent"]),
+            agentListen,
+            reactor,
+            peers=peers,
+            peerListen=peerListen,
+            stats=stats,
+            allowedIps=options["allowed-ips"],
+            agentToAgent=bool(options["agent-to-agent"]),
         )
         return guarded("entg", service, options, reactor)
 

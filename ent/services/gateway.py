@@ -21,8 +21,17 @@ class GatewayService(MultiService):
     Accepts agents, and connects to or accepts peer gateways.
     """
 
-    def __init__(self, agentEndpoint, reactor, peerConnect=None, peerListen=None, stats=None,
-                 allowedIps=None, agentToAgent=False, peers=()):
+    def __init__(
+        self,
+        agentEndpoint,
+        reactor,
+        peerConnect=None,
+        peerListen=None,
+        stats=None,
+        allowedIps=None,
+        agentToAgent=False,
+        peers=(),
+    ):
         """
         C{peers}: C{(endpoint, prefixes)} for each peer gateway to connect
         to, its prefixes the tunnel addresses behind it; C{peerConnect} is
@@ -36,8 +45,13 @@ class GatewayService(MultiService):
         peers = list(peers)
         if peerConnect is not None:
             peers.insert(0, (peerConnect, ()))
-        self.hub = Router(self.stats, reactor, allowedIps=allowedIps, agentToAgent=agentToAgent,
-                          peerRoutes=[p for _, routes in peers for p in routes])
+        self.hub = Router(
+            self.stats,
+            reactor,
+            allowedIps=allowedIps,
+            agentToAgent=agentToAgent,
+            peerRoutes=[p for _, routes in peers for p in routes],
+        )
         self._listen(agentEndpoint, "agent")
         for endpoint, routes in peers:
             # One service per peer: each reconnects on its own.

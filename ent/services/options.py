@@ -109,12 +109,19 @@ class ObservabilityOptions(usage.Options):
     command = "ent"
 
     optParameters = [
-        ["metrics", None, None,
-         "Serve Prometheus metrics at /metrics on this PORT, ADDR:PORT or server "
-         "endpoint string (e.g. tcp:9100:interface=127.0.0.1)."],
-        ["log-format", None, "text",
-         "text, or json: one JSON object per line with the event's fields "
-         "(to where twistd writes its log)."],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this PORT, ADDR:PORT or server "
+            "endpoint string (e.g. tcp:9100:interface=127.0.0.1).",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text, or json: one JSON object per line with the event's fields (to where twistd writes its log).",
+        ],
     ]
 
     def parseOptions(self, options=None):
@@ -151,9 +158,7 @@ class ObservabilityOptions(usage.Options):
         if self["metrics"] is not None:
             checkServerDescription(self["metrics"], "--metrics")
         if self["log-format"] not in LOG_FORMATS:
-            raise ConfigurationError(
-                f"--log-format {self['log-format']!r}: choose one of {', '.join(LOG_FORMATS)}"
-            )
+            raise ConfigurationError(f"--log-format {self['log-format']!r}: choose one of {', '.join(LOG_FORMATS)}")
         parent = getattr(self, "parent", None)
         if self["log-format"] == "json" and parent is not None and parent.get("syslog"):
             raise ConfigurationError("--log-format json writes to a file or stdout, not to --syslog")
@@ -168,23 +173,30 @@ class SecurityOptions(ObservabilityOptions):
         ["tls-cert", None, None, "TLS: this side's certificate (PEM)."],
         ["tls-key", None, None, "TLS: this side's private key (PEM)."],
         ["tls-ca", None, None, "TLS: the CA certificate that signs the peers (PEM)."],
-        ["rats-tls-lib", None, None,
-         "rats-tls: path of librats_tls.so (default: $ENT_RATS_TLS_LIB, "
-         "else /usr/local/lib/rats-tls/librats_tls.so)."],
-        ["attester", None, None,
-         "rats-tls: attester plugin (default as ENG: nullattester when connecting, "
-         "sgx_ecdsa when accepting)."],
-        ["verifier", None, None,
-         "rats-tls: verifier plugin (default as ENG: sgx_ecdsa when connecting, "
-         "nullverifier when accepting)."],
+        [
+            "rats-tls-lib",
+            None,
+            None,
+            "rats-tls: path of librats_tls.so (default: $ENT_RATS_TLS_LIB, "
+            "else /usr/local/lib/rats-tls/librats_tls.so).",
+        ],
+        [
+            "attester",
+            None,
+            None,
+            "rats-tls: attester plugin (default as ENG: nullattester when connecting, sgx_ecdsa when accepting).",
+        ],
+        [
+            "verifier",
+            None,
+            None,
+            "rats-tls: verifier plugin (default as ENG: sgx_ecdsa when connecting, nullverifier when accepting).",
+        ],
         ["tls-type", None, "openssl", "rats-tls: TLS wrapper plugin."],
         ["crypto-type", None, "openssl", "rats-tls: crypto wrapper plugin."],
-        ["rats-tls-log-level", None, "error",
-         "rats-tls: library log level (debug, info, warn, error, fatal, off)."],
+        ["rats-tls-log-level", None, "error", "rats-tls: library log level (debug, info, warn, error, fatal, off)."],
     ]
-    optFlags = [
-        ["mutual", None, "rats-tls: both sides attest (the accepting side verifies the connecting one too)."],
-    ]
+    optFlags = [["mutual", None, "rats-tls: both sides attest (the accepting side verifies the connecting one too)."]]
 
     def ratsTls(self, server):
         """
@@ -195,13 +207,15 @@ class SecurityOptions(ObservabilityOptions):
 
         level = self["rats-tls-log-level"].lower()
         if level not in _LOG_LEVEL_NAMES:
-            raise ConfigurationError(
-                f"--rats-tls-log-level {level!r} is not one of {', '.join(_LOG_LEVEL_NAMES)}"
-            )
+            raise ConfigurationError(f"--rats-tls-log-level {level!r} is not one of {', '.join(_LOG_LEVEL_NAMES)}")
         attester = self["attester"] or ("sgx_ecdsa" if server else "nullattester")
         verifier = self["verifier"] or ("nullverifier" if server else "sgx_ecdsa")
-        for name, value in (("attester", attester), ("verifier", verifier),
-                            ("tls-type", self["tls-type"]), ("crypto-type", self["crypto-type"])):
+        for name, value in (
+            ("attester", attester),
+            ("verifier", verifier),
+            ("tls-type", self["tls-type"]),
+            ("crypto-type", self["crypto-type"]),
+        ):
             if not _PLUGIN_NAME.fullmatch(value):
                 raise ConfigurationError(
                     f"--{name} {value!r} is not a plugin name (up to 31 letters, digits, '_', '.', '-')"
@@ -209,9 +223,14 @@ class SecurityOptions(ObservabilityOptions):
         if self["rats-tls-lib"] is not None:
             _checkReadable(self["rats-tls-lib"], "--rats-tls-lib")
         return RatsTlsChoice(
-            library=self["rats-tls-lib"], attester=attester, verifier=verifier,
-            tlsType=self["tls-type"], cryptoType=self["crypto-type"],
-            mutual=bool(self["mutual"]), logLevel=_LOG_LEVEL_NAMES[level], server=server,
+            library=self["rats-tls-lib"],
+            attester=attester,
+            verifier=verifier,
+            tlsType=self["tls-type"],
+            cryptoType=self["crypto-type"],
+            mutual=bool(self["mutual"]),
+            logLevel=_LOG_LEVEL_NAMES[level],
+            server=server,
         )
 
     def tlsFiles(self):
@@ -271,33 +290,58 @@ class EntaOptions(SecurityOptions):
 
     optParameters = [
         ["replay", None, None, "Replay tunnel connections to this local TCP port (server host)."],
-        ["entg-connect", None, f"127.0.0.1:{AGENT_PORT}",
-         "Gateway to connect to: HOST:PORT or a Twisted client endpoint string."],
-        ["stack", None, "kernel",
-         "Capture with the kernel's stack (a TUN, netfilter rules, needs root) or a user-space "
-         "stack in the process (user: no TUN, no rules, no privileges; with --listen or --expose)."],
+        [
+            "entg-connect",
+            None,
+            f"127.0.0.1:{AGENT_PORT}",
+            "Gateway to connect to: HOST:PORT or a Twisted client endpoint string.",
+        ],
+        [
+            "stack",
+            None,
+            "kernel",
+            "Capture with the kernel's stack (a TUN, netfilter rules, needs root) or a user-space "
+            "stack in the process (user: no TUN, no rules, no privileges; with --listen or --expose).",
+        ],
         ["tun-name", None, "tun0", "Name of the TUN device to create."],
-        ["tun-addr", None, None,
-         "TUN address ADDR[/PREFIX] (default 192.168.0.254/24 with --replay, "
-         "else 192.168.0.1/24)."],
+        [
+            "tun-addr",
+            None,
+            None,
+            "TUN address ADDR[/PREFIX] (default 192.168.0.254/24 with --replay, else 192.168.0.1/24).",
+        ],
         ["tun-mask", None, None, "TUN netmask, dotted or prefix length (ENG compatibility)."],
-        ["peer-addr", None, None,
-         "The far agent's tunnel address (default: the other of 192.168.0.1 and 192.168.0.254)."],
+        [
+            "peer-addr",
+            None,
+            None,
+            "The far agent's tunnel address (default: the other of 192.168.0.1 and 192.168.0.254).",
+        ],
         ["tunnel-port", None, str(TUNNEL_PORT), "In-tunnel service port."],
         ["mtu", None, str(DEFAULT_MTU), f"TUN MTU ({MIN_MTU}-{MAX_PACKET})."],
-        ["route-table", None, "auto",
-         "Routing table number for the capture policy route (default: one no other agent uses)."],
-        ["entg-tls-name", None, None,
-         "TLS: the name (DNS or IP) the gateway's certificate must carry "
-         "(default: the host of --entg-connect)."],
+        [
+            "route-table",
+            None,
+            "auto",
+            "Routing table number for the capture policy route (default: one no other agent uses).",
+        ],
+        [
+            "entg-tls-name",
+            None,
+            None,
+            "TLS: the name (DNS or IP) the gateway's certificate must carry (default: the host of --entg-connect).",
+        ],
     ]
     optFlags = [
         ["entg-tls", None, "Protect the leg to the gateway with mutual TLS (--tls-cert, --tls-key, --tls-ca)."],
         ["entg-rats-tls", None, "Protect the leg to the gateway with rats-tls (attested TLS)."],
-        ["announce", None,
-         "On connecting, send the gateway one packet from the TUN address to itself, so a gateway "
-         "with several agents routes to this one before it sends anything (ENG's gateway passes "
-         "it on; the far kernel drops it)."],
+        [
+            "announce",
+            None,
+            "On connecting, send the gateway one packet from the TUN address to itself, so a gateway "
+            "with several agents routes to this one before it sends anything (ENG's gateway passes "
+            "it on; the far kernel drops it).",
+        ],
     ]
 
     def __init__(self):
@@ -357,8 +401,7 @@ class EntaOptions(SecurityOptions):
         self.checkObservability()
         self._checkStack()
         replay = self["replay"]
-        client = ("--dport" if self["dports"] else "--map" if self["maps"]
-                  else "--listen" if self["listens"] else None)
+        client = "--dport" if self["dports"] else "--map" if self["maps"] else "--listen" if self["listens"] else None
         server = "--replay" if replay is not None else "--expose" if self["exposes"] else None
         if client and server:
             raise ConfigurationError(f"{client} and {server} exclude each other")
@@ -410,8 +453,11 @@ class EntaOptions(SecurityOptions):
                     f"{self['listens'][0].flag} needs --stack user (with the kernel's stack, use --map)"
                 )
             return
-        for given, flag, instead in ((self["maps"], "--map", "--listen"), (self["dports"], "--dport", "--listen"),
-                                     (self["capture-from"], "--capture-from", None)):
+        for given, flag, instead in (
+            (self["maps"], "--map", "--listen"),
+            (self["dports"], "--dport", "--listen"),
+            (self["capture-from"], "--capture-from", None),
+        ):
             if given:
                 hint = f"; use {instead}" if instead else ""
                 raise ConfigurationError(f"{flag} captures with netfilter, which --stack user does not use{hint}")
@@ -439,8 +485,10 @@ class EntaOptions(SecurityOptions):
         metrics = self["metrics"] and tcpPortOf(self["metrics"], server=True)
         captured = {p: f"--dport {p}" for p in self["dports"]}
         captured.update((m.port, m.flag) for m in self["maps"] if m.proto == "tcp")
-        for port, what in ((self["gateway-port"], "the gateway's port (--entg-connect)"),
-                           (metrics, "the --metrics port")):
+        for port, what in (
+            (self["gateway-port"], "the gateway's port (--entg-connect)"),
+            (metrics, "the --metrics port"),
+        ):
             if port in captured:
                 raise ConfigurationError(f"{captured[port]} is {what}: capturing it would loop into the tunnel")
 
@@ -476,9 +524,7 @@ class EntaOptions(SecurityOptions):
             defaults = {CLIENT_TUN_ADDRESS: SERVER_TUN_ADDRESS, SERVER_TUN_ADDRESS: CLIENT_TUN_ADDRESS}
             peer = defaults.get(str(interface.ip))
             if peer is None:
-                raise ConfigurationError(
-                    f"--tun-addr {interface.ip} is not one of ENT's defaults: give --peer-addr"
-                )
+                raise ConfigurationError(f"--tun-addr {interface.ip} is not one of ENT's defaults: give --peer-addr")
         else:
             peer = self["peer-addr"]
         try:
@@ -492,8 +538,7 @@ class EntaOptions(SecurityOptions):
         special = _specialAddress(peer, interface.network)
         if special:
             raise ConfigurationError(
-                f"--peer-addr {peer} is the {special} of the TUN network {interface.network}, "
-                f"not an agent's"
+                f"--peer-addr {peer} is the {special} of the TUN network {interface.network}, not an agent's"
             )
         self["peer-addr"] = peer
 
@@ -600,14 +645,26 @@ class EntgOptions(SecurityOptions):
     )
 
     optParameters = [
-        ["enta-listen", None, str(AGENT_PORT),
-         "Where to accept the agent: PORT, ADDR:PORT or a server endpoint string."],
-        ["entg-listen", None, None,
-         f"Where to accept peer gateways (default {GATEWAY_PORT} when --entg-connect is not given); "
-         "what lives behind an accepted peer is learned from its frames' sources."],
-        ["entg-tls-name", None, None,
-         "TLS: the name (DNS or IP) the peer gateway's certificate must carry "
-         "(default: the host of --entg-connect)."],
+        [
+            "enta-listen",
+            None,
+            str(AGENT_PORT),
+            "Where to accept the agent: PORT, ADDR:PORT or a server endpoint string.",
+        ],
+        [
+            "entg-listen",
+            None,
+            None,
+            f"Where to accept peer gateways (default {GATEWAY_PORT} when --entg-connect is not given); "
+            "what lives behind an accepted peer is learned from its frames' sources.",
+        ],
+        [
+            "entg-tls-name",
+            None,
+            None,
+            "TLS: the name (DNS or IP) the peer gateway's certificate must carry "
+            "(default: the host of --entg-connect).",
+        ],
     ]
     optFlags = [
         ["enta-tls", None, "Protect the agent's leg with mutual TLS (--tls-cert, --tls-key, --tls-ca)."],
@@ -640,7 +697,8 @@ class EntgOptions(SecurityOptions):
             clash = _overlap(routes, other.routes)
             if clash:
                 raise ConfigurationError(
-                    f"--entg-connect {value!r}: {clash[0]} overlaps {clash[1]} of {other.description}")
+                    f"--entg-connect {value!r}: {clash[0]} overlaps {clash[1]} of {other.description}"
+                )
         self["entg-peers"].append(PeerConnect(description, routes, None))
         if self["entg-connect"] is None:
             self["entg-connect"] = description
@@ -679,10 +737,12 @@ class EntgOptions(SecurityOptions):
                 if not peer.routes:
                     raise ConfigurationError(
                         f"--entg-connect {peer.description!r} needs =PREFIX[,PREFIX...]: "
-                        "with several peers each names the tunnel addresses behind it")
+                        "with several peers each names the tunnel addresses behind it"
+                    )
             if self["entg-tls-name"] is not None:
                 raise ConfigurationError(
-                    "--entg-tls-name names one peer: with several --entg-connect each certificate must name its host")
+                    "--entg-tls-name names one peer: with several --entg-connect each certificate must name its host"
+                )
         for peer in peers:
             checkClientDescription(peer.description, "--entg-connect")
         for name in ("enta-listen", "entg-listen"):
@@ -690,14 +750,12 @@ class EntgOptions(SecurityOptions):
                 checkServerDescription(self[name], f"--{name}")
         self["enta-security"] = self.legSecurity("enta", listen=self["enta-listen"])
         self["entg-peers"] = [
-            peer._replace(security=self.legSecurity("entg", peer.description, "entg-tls-name"))
-            for peer in peers
+            peer._replace(security=self.legSecurity("entg", peer.description, "entg-tls-name")) for peer in peers
         ]
         self["entg-listen-security"] = None
         if self["entg-listen"] is not None:
             self["entg-listen-security"] = self.legSecurity("entg", listen=self["entg-listen"])
         # The peer leg's protection as one value, for what shows it.
-        self["entg-security"] = (self["entg-peers"][0].security if peers else self["entg-listen-security"])
+        self["entg-security"] = self["entg-peers"][0].security if peers else self["entg-listen-security"]
         if self["allowed-ips"] and "tls" not in (self["enta-security"].kind, self["entg-security"].kind):
-            raise ConfigurationError(
-                "--allowed-ips names TLS identities: give --enta-tls or --entg-tls")
+            raise ConfigurationError("--allowed-ips names TLS identities: give --enta-tls or --entg-tls")

@@ -36,15 +36,22 @@ class SocketRelayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, listenEndpoint, connectEndpoint, reactor,
-                 maxConnections=DEFAULT_MAX_CONNECTIONS, listenDescription=None, connectDescription=None):
+    def __init__(
+        self,
+        listenEndpoint,
+        connectEndpoint,
+        reactor,
+        maxConnections=DEFAULT_MAX_CONNECTIONS,
+        listenDescription=None,
+        connectDescription=None,
+    ):
         MultiService.__init__(self)
         self.listenEndpoint = listenEndpoint
         self.listenDescription = listenDescription or repr(listenEndpoint)
         self.stats = ServiceStats("ent-relay", reactor)
         self.drops = self.stats.drops
         self.relay = SocketRelayFactory(
-            connectEndpoint, connectDescription or repr(connectEndpoint), maxConnections, self.drops,
+            connectEndpoint, connectDescription or repr(connectEndpoint), maxConnections, self.drops
         )
         self.stats.relay = self.relay
         self.port = None
@@ -74,8 +81,10 @@ class SocketRelayService(MultiService):
         self.port = port
         self.log.info(
             "relaying {listen} ({address}) to {target}, at most {limit} connections at once",
-            listen=self.listenDescription, address=addressText(port.getHost()),
-            target=self.relay.targetDescription, limit=self.relay.maxConnections,
+            listen=self.listenDescription,
+            address=addressText(port.getHost()),
+            target=self.relay.targetDescription,
+            limit=self.relay.maxConnections,
         )
         return port
 
@@ -127,20 +136,31 @@ class RelayOptions(ObservabilityOptions):
     )
 
     optParameters = [
-        ["tcp-address", None, None,
-         "TCP side: HOST:PORT to connect to, or [ADDR:]PORT to listen on with --tcp-to-vsock."],
-        ["vsock-address", None, None,
-         "vsock side: [CID:]PORT to listen on, or CID:PORT to connect to with --tcp-to-vsock "
-         "(with --mock-vsock: [HOST:]PORT and HOST:PORT of TCP)."],
-        ["max-concurrent-connections", None, str(DEFAULT_MAX_CONNECTIONS),
-         "Connections beyond this many open at once are closed at once, and counted."],
+        [
+            "tcp-address",
+            None,
+            None,
+            "TCP side: HOST:PORT to connect to, or [ADDR:]PORT to listen on with --tcp-to-vsock.",
+        ],
+        [
+            "vsock-address",
+            None,
+            None,
+            "vsock side: [CID:]PORT to listen on, or CID:PORT to connect to with --tcp-to-vsock "
+            "(with --mock-vsock: [HOST:]PORT and HOST:PORT of TCP).",
+        ],
+        [
+            "max-concurrent-connections",
+            None,
+            str(DEFAULT_MAX_CONNECTIONS),
+            "Connections beyond this many open at once are closed at once, and counted.",
+        ],
         ["listen", None, None, "Accept connections on this server endpoint string (instead of the addresses)."],
         ["connect", None, None, "Relay each connection to this client endpoint string (with --listen)."],
     ]
     optFlags = [
         ["tcp-to-vsock", None, "Listen on TCP, connect to vsock (default: listen on vsock, connect to TCP)."],
-        ["mock-vsock", None,
-         "The vsock side is TCP (a PORT alone listens on 127.0.0.1), for development and tests."],
+        ["mock-vsock", None, "The vsock side is TCP (a PORT alone listens on 127.0.0.1), for development and tests."],
     ]
 
     @_usage
@@ -149,8 +169,9 @@ class RelayOptions(ObservabilityOptions):
         limit = self["max-concurrent-connections"] = _number(self, "max-concurrent-connections")
         if limit < 1:
             raise ConfigurationError(f"--max-concurrent-connections {limit} is out of range: at least 1")
-        addresses = [f"--{name}" for name in ("tcp-address", "vsock-address", "tcp-to-vsock", "mock-vsock")
-                     if self[name]]
+        addresses = [
+            f"--{name}" for name in ("tcp-address", "vsock-address", "tcp-to-vsock", "mock-vsock") if self[name]
+        ]
         if self["listen"] is not None or self["connect"] is not None:
             if addresses:
                 raise ConfigurationError(f"--listen and --connect exclude {', '.join(addresses)}")
@@ -190,10 +211,18 @@ class RelayOptions(ObservabilityOptions):
 
 def makeRelayService(options, reactor):
     def build():
-        return guarded("ent-relay", SocketRelayService(
-            serverEndpoint(reactor, options["listen"], "--listen"),
-            clientEndpoint(reactor, options["connect"], "--connect"), reactor,
-            options["max-concurrent-connections"], options["listen"], options["connect"],
-        ), options, reactor)
+        return guarded(
+            "ent-relay",
+            SocketRelayService(
+                serverEndpoint(reactor, options["listen"], "--listen"),
+                clientEndpoint(reactor, options["connect"], "--connect"),
+                reactor,
+                options["max-concurrent-connections"],
+                options["listen"],
+                options["connect"],
+            ),
+            options,
+            reactor,
+        )
 
     return _built("ent-relay", build)

@@ -40,16 +40,22 @@ def main(argv=None):
         signal.signal(sig, signal.default_int_handler)
 
     say("ENT demo: client host -> ENTA -> ENTG -> ENTG -> ENTA -> server host")
-    say(f"  client host {ADDRESS['client']}, gateways {ADDRESS['gw1.agent']}/{ADDRESS['gw1']} "
-        f"and {ADDRESS['gw2']}/{ADDRESS['gw2.agent']}, server host {ADDRESS['server']}")
+    say(
+        f"  client host {ADDRESS['client']}, gateways {ADDRESS['gw1.agent']}/{ADDRESS['gw1']} "
+        f"and {ADDRESS['gw2']}/{ADDRESS['gw2.agent']}, server host {ADDRESS['server']}"
+    )
     ok = False
     try:
         with Tunnel(logdir=tempfile.mkdtemp(prefix="ent-demo-")) as tunnel:
             t = tunnel.topology
-            say(f"\n[1] namespaces {', '.join(t.created)} are up; services started "
-                f"(logs in {tunnel.logdir}); the tunnel answers ping")
+            say(
+                f"\n[1] namespaces {', '.join(t.created)} are up; services started "
+                f"(logs in {tunnel.logdir}); the tunnel answers ping"
+            )
             route = t.exec("client", "ip", "route", "get", ADDRESS["server"])
-            say(f"\n[2] without ENT the client has no route to the server host:\n{indent(route.stderr or route.stdout)}")
+            say(
+                f"\n[2] without ENT the client has no route to the server host:\n{indent(route.stderr or route.stdout)}"
+            )
             say("    ENTA on the client host captured port 7 with:")
             say(indent(t.exec("client", "ip", "rule").stdout))
             say(indent(t.exec("client", "nft", "list", "ruleset").stdout))
@@ -61,8 +67,10 @@ def main(argv=None):
             for size in (64, args.bytes):
                 echo = tunnel.echoClient(size)
                 results.append(echo.returncode == 0)
-                say(f"\n[4] echo client on the client host -> {ADDRESS['server']}:7, {size} bytes:\n"
-                    f"{indent(echo.stdout + echo.stderr)}")
+                say(
+                    f"\n[4] echo client on the client host -> {ADDRESS['server']}:7, {size} bytes:\n"
+                    f"{indent(echo.stdout + echo.stderr)}"
+                )
             with open(os.path.join(tunnel.logdir, "echo.log")) as f:
                 seen = [line.split("] ", 1)[1] for line in f if "connection from" in line]
             say("\n[5] the echo server on the server host saw (the client's tunnel address):")

@@ -44,8 +44,13 @@ ADDRESS = {
 
 # Run a command as nobody with every capability dropped, for good.
 UNPRIVILEGED = (
-    "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-    "--bounding-set=-all", "--no-new-privs",
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+    "--no-new-privs",
 )
 
 
@@ -119,8 +124,7 @@ class Topology:
             _run("ip", "-n", name, "link", "set", "lo", "up")
         for index, (a, addressA, b, addressB) in enumerate(self.links):
             devA, devB = f"v{index}{a}", f"v{index}{b}"
-            _run("ip", "-n", self.ns(a), "link", "add", devA, "type", "veth",
-                 "peer", "name", devB, "netns", self.ns(b))
+            _run("ip", "-n", self.ns(a), "link", "add", devA, "type", "veth", "peer", "name", devB, "netns", self.ns(b))
             for host, dev, address in ((a, devA, addressA), (b, devB, addressB)):
                 _run("ip", "-n", self.ns(host), "addr", "add", f"{address}/24", "dev", dev)
                 _run("ip", "-n", self.ns(host), "link", "set", dev, "up")
@@ -142,8 +146,7 @@ class Topology:
         name = name or f"{host}-{argv[0].rsplit('/', 1)[-1]}"
         log = open(os.path.join(self.logdir, f"{name}.log"), "ab") if self.logdir else subprocess.DEVNULL
         process = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(host), *argv],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            ["ip", "netns", "exec", self.ns(host), *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         if log is not subprocess.DEVNULL:
             log.close()
@@ -159,8 +162,7 @@ class Topology:
         """
         prefix = UNPRIVILEGED if unprivileged else ()
         return self.start(
-            host, *prefix, *twistdCommand(), "-n", "--pidfile=", plugin, *args,
-            name=name or f"{host}-{plugin}",
+            host, *prefix, *twistdCommand(), "-n", "--pidfile=", plugin, *args, name=name or f"{host}-{plugin}"
         )
 
     def stop(self, process, sig=signal.SIGTERM, timeout=10.0):
@@ -217,8 +219,9 @@ class Tunnel:
     Topology plus ENT's four services and an echo server on the server host.
     """
 
-    def __init__(self, agentArgs=(), gatewayArgs=(), logdir=None, hostArgs=None, waitUp=True, roleArgs=None,
-                 unprivileged=()):
+    def __init__(
+        self, agentArgs=(), gatewayArgs=(), logdir=None, hostArgs=None, waitUp=True, roleArgs=None, unprivileged=()
+    ):
         self.ownLogdir = logdir is None
         self.logdir = logdir or tempfile.mkdtemp(prefix="ent-")
         self.topology = Topology(logdir=self.logdir)
@@ -255,8 +258,9 @@ class Tunnel:
 
     def startAll(self):
         t = self.topology
-        self.echo = t.start("server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7",
-                             name="echo")
+        self.echo = t.start(
+            "server", sys.executable, ECHOSVR, "server", "--host", "0.0.0.0", "--port", "7", name="echo"
+        )
         self.startService("gw2")
         self.startService("gw1")
         self.startService("server")
@@ -272,14 +276,11 @@ class Tunnel:
         if host == "gw2":
             args = ["entg", "--entg-listen", "6979", "--enta-listen", "6980", *self.gatewayArgs]
         elif host == "gw1":
-            args = ["entg", "--entg-connect", f"{ADDRESS['gw2']}:6979", "--enta-listen", "6980",
-                    *self.gatewayArgs]
+            args = ["entg", "--entg-connect", f"{ADDRESS['gw2']}:6979", "--enta-listen", "6980", *self.gatewayArgs]
         elif host == "server":
-            args = ["enta", *self.roleArgs["server"], "--entg-connect", f"{ADDRESS['gw2.agent']}:6980",
-                    *self.agentArgs]
+            args = ["enta", *self.roleArgs["server"], "--entg-connect", f"{ADDRESS['gw2.agent']}:6980", *self.agentArgs]
         else:
-            args = ["enta", *self.roleArgs["client"], "--entg-connect", f"{ADDRESS['gw1.agent']}:6980",
-                    *self.agentArgs]
+            args = ["enta", *self.roleArgs["client"], "--entg-connect", f"{ADDRESS['gw1.agent']}:6980", *self.agentArgs]
         process = t.twistd(host, *args, *self.hostArgs.get(host, ()), unprivileged=host in self.unprivileged)
         self.services[host] = process
         return process
@@ -301,13 +302,24 @@ class Tunnel:
 
     def echoCommand(self, size, timeout=60, connections=1):
         host, port = self.echoTarget()
-        return [sys.executable, ECHOSVR, "client", "--host", host, "--port", str(port),
-                "--bytes", str(size), "--timeout", str(timeout), "--connections", str(connections)]
+        return [
+            sys.executable,
+            ECHOSVR,
+            "client",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--bytes",
+            str(size),
+            "--timeout",
+            str(timeout),
+            "--connections",
+            str(connections),
+        ]
 
     def echoClient(self, size, timeout=60, connections=1):
-        return self.topology.exec(
-            "client", *self.echoCommand(size, timeout, connections), timeout=timeout + 30,
-        )
+        return self.topology.exec("client", *self.echoCommand(size, timeout, connections), timeout=timeout + 30)
 
     def stopServices(self):
         """

@@ -28,12 +28,10 @@ class _EntServiceMaker:
 
 
 enta = _EntServiceMaker(
-    "enta", "ENT agent: TUN device and capture/replay rules joined to a gateway",
-    EntaOptions, "makeAgentService",
+    "enta", "ENT agent: TUN device and capture/replay rules joined to a gateway", EntaOptions, "makeAgentService"
 )
 entg = _EntServiceMaker(
-    "entg", "ENT gateway: relays an agent's frames to a peer gateway",
-    EntgOptions, "makeGatewayService",
+    "entg", "ENT gateway: relays an agent's frames to a peer gateway", EntgOptions, "makeGatewayService"
 )
 
 
@@ -52,6 +50,8 @@ class _DottedServiceMaker(_EntServiceMaker):
 
 
 entRelay = _DottedServiceMaker(
-    "ent-relay", "ENT socket relay: TCP <-> vsock between an enclave and its parent host",
-    RelayOptions, "ent.services.socketrelay.makeRelayService",
+    "ent-relay",
+    "ENT socket relay: TCP <-> vsock between an enclave and its parent host",
+    RelayOptions,
+    "ent.services.socketrelay.makeRelayService",
 )
