@@ -21,7 +21,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from ent import ratstls
-from ent.legs.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
+from ent.legs.ratsendpoints import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
 from ent.ratstls import RatsTlsSession
 from tests.ratstlsmock import REAL_LIBRARY, library_under_test
 

@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 
 from ent import ratstls
 from ent.legs import ratstransport
-from ent.legs.ratstransport import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
+from ent.legs.ratsendpoints import RatsTlsClientEndpoint, RatsTlsServerEndpoint, RatsTlsSettings
 from ent.observability.stats import ServiceStats
 from tests.ratstlsmock import library_under_test
 

@@ -51,7 +51,7 @@ def ratsTlsSettings(choice):
     pair it with this leg's plugin choice.
     """
     from ent import ratstls
-    from ent.legs.ratstransport import RatsTlsSettings
+    from ent.legs.ratsendpoints import RatsTlsSettings
 
     path = choice.library or ratstls.default_library_path()
     if path not in _libraries:
@@ -84,7 +84,7 @@ def secureClient(reactor, endpoint, security, description, leg="rats-tls", stats
         endpoint = tls.clientTls(endpoint, security.tlsFiles, security.peerName)
         description = f"{description} (TLS, {security.peerName})"
     elif security.kind == "rats-tls":
-        from ent.legs.ratstransport import RatsTlsClientEndpoint
+        from ent.legs.ratsendpoints import RatsTlsClientEndpoint
 
         host = hostOf(description)
         port = parsePort(description.rpartition(":")[2])
@@ -107,7 +107,7 @@ def secureServer(reactor, endpoint, security, description, leg="rats-tls", stats
     if security.kind == "tls":
         return tls.serverTls(endpoint, security.tlsFiles)
     if security.kind == "rats-tls":
-        from ent.legs.ratstransport import RatsTlsServerEndpoint
+        from ent.legs.ratsendpoints import RatsTlsServerEndpoint
 
         interface, _, port = description.rpartition(":")
         return RatsTlsServerEndpoint(
