@@ -3,10 +3,22 @@ Checks that several end-to-end tests make of a running tunnel.
 """
 
 import re
+import shutil
 import signal
 import sys
+import tempfile
 
 from ent.observability.status import Scrape
+
+
+def tempDir(testCase, prefix):
+    """
+    A new directory in the system's temporary directory (readable by the
+    processes a test starts in namespaces), removed after C{testCase}.
+    """
+    path = tempfile.mkdtemp(prefix=prefix)
+    testCase.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 def sha256s(output):

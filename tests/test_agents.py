@@ -12,11 +12,11 @@ its agents still reported it up.)
 
 import signal
 import sys
-import tempfile
 
 from twisted.trial import unittest
 
 from ent.testing.topology import ADDRESS, ECHOSVR, Topology, twistdCommand
+from tests.checks import tempDir
 from tests.netns import requireRoot
 
 # name: (client TUN, client --dport, server TUN, client address, server address, agent port, peer port)
@@ -40,7 +40,7 @@ class TwoTunnels:
         """
         announce = sharedGateways if announce is None else announce
         self.extraArgs = extraArgs
-        self.topology = t = Topology(logdir=tempfile.mkdtemp(prefix="ent-agents-")).__enter__()
+        self.topology = t = Topology(logdir=tempDir(testCase, "ent-agents-")).__enter__()
         testCase.addCleanup(t.destroy)
         self.shared = sharedGateways
         self.services = {}

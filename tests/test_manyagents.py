@@ -7,13 +7,12 @@ stopped agent's address is freed for its restart.
 
 import signal
 import sys
-import tempfile
 
 from twisted.trial import unittest
 
 from ent.legs import certs
 from ent.testing.topology import ADDRESS
-from tests.checks import METRICS, METRICS_PORT, scrapeIn
+from tests.checks import METRICS, METRICS_PORT, scrapeIn, tempDir
 from tests.netns import requireRoot
 from tests.test_agents import TUNNELS, TwoTunnels
 from tests.test_tls import makeCertificates, tlsArgs
@@ -107,7 +106,7 @@ class AllowedIpsTests(unittest.TestCase):
 
     def setUp(self):
         requireRoot(self)
-        self.dir = tempfile.mkdtemp(prefix="ent-allowed-")
+        self.dir = tempDir(self, "ent-allowed-")
         makeCertificates(self.dir)
         for name in ("client-a", "client-b", "server-a", "server-b"):
             certs.makeCertificate(self.dir, name, [], certs.makeCa(self.dir))

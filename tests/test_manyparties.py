@@ -16,13 +16,12 @@ live address defended, a gateway with two peer gateways, and
 
 import re
 import sys
-import tempfile
 
 from twisted.trial import unittest
 
 from ent.legs import certs
 from ent.testing.topology import ECHOSVR, Topology
-from tests.checks import METRICS, scrapeIn, sha256s, statusIn
+from tests.checks import METRICS, scrapeIn, sha256s, statusIn, tempDir
 from tests.netns import requireRoot
 from tests.test_tls import tlsArgs
 
@@ -73,7 +72,7 @@ class Parties:
 
     def __init__(self, testCase, hosts, links):
         requireRoot(testCase)
-        self.topology = Topology(logdir=tempfile.mkdtemp(prefix="ent-parties-"), hosts=hosts, links=links)
+        self.topology = Topology(logdir=tempDir(testCase, "ent-parties-"), hosts=hosts, links=links)
         self.topology.__enter__()
         testCase.addCleanup(self.topology.destroy)
         self.testCase = testCase
@@ -287,7 +286,7 @@ class AllowedIpsOnTlsTests(unittest.TestCase):
     def setUp(self):
         links = (*clientLinks(2), ("gw1", "10.2.0.1", "gw2", "10.2.0.2"), ("gw2", "10.3.0.1", "server", "10.3.0.2"))
         self.p = p = Parties(self, ("c1", "c2", "gw1", "gw2", "server"), links)
-        self.dir = d = tempfile.mkdtemp(prefix="ent-parties-tls-")
+        self.dir = d = tempDir(self, "ent-parties-tls-")
         ca = certs.makeCa(d)
         certs.makeCertificate(d, "gw1", [], ca)
         for name in ("client-a", "stranger"):

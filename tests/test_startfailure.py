@@ -9,13 +9,13 @@ Real twistd processes in a namespace of the test's own.
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
 from twisted.trial import unittest
 
 from ent.testing.topology import twistdCommand
+from tests.checks import tempDir
 from tests.netns import requireRoot
 
 # Seconds a failed start may take to return.
@@ -29,7 +29,7 @@ class FailedStartTests(unittest.TestCase):
         subprocess.run(["ip", "netns", "add", self.ns], check=True)
         self.addCleanup(self._deleteNamespace)
         self.exec("ip", "link", "set", "lo", "up", check=True)
-        self.dir = tempfile.mkdtemp(prefix="ent-fail-")
+        self.dir = tempDir(self, "ent-fail-")
         self.pidfile = os.path.join(self.dir, "ent.pid")
         self.holders = []
 

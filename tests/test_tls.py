@@ -4,14 +4,13 @@ peers refused for a wrong certificate or a wrong name.
 """
 
 import os
-import tempfile
 import time
 
 from twisted.trial import unittest
 
 from ent.legs import certs
 from ent.testing.topology import ADDRESS, Tunnel
-from tests.checks import METRICS, assertEchoAndTransfer, scrapeIn
+from tests.checks import METRICS, assertEchoAndTransfer, scrapeIn, tempDir
 from tests.netns import requireRoot
 
 
@@ -41,7 +40,7 @@ def tlsArgs(directory, name, *flags, ca=None):
 class TlsTunnelTests(unittest.TestCase):
     def setUp(self):
         requireRoot(self)
-        self.dir = tempfile.mkdtemp(prefix="ent-tls-")
+        self.dir = tempDir(self, "ent-tls-")
         makeCertificates(self.dir)
 
     def hostArgs(self, client=None):
