@@ -1,4 +1,4 @@
-.PHONY: setup demo test bench bench-scale
+.PHONY: setup demo test bench bench-scale bench-rootless bench-userstacks
 
 setup:
 	bash scripts/setup.sh
@@ -18,3 +18,15 @@ bench:
 bench-scale:
 	bash scripts/setup.sh
 	.venv/bin/python -m bench.scale
+
+# Only the rootless rows: TUN and --stack user agents at 0, 5 and 20 ms of
+# added round trip (bench/rootless.md), and libslirp against pasta
+# (bench/userstacks.md).
+bench-rootless:
+	bash scripts/setup.sh passt slirp4netns
+	.venv/bin/python -m bench.rootless
+	.venv/bin/python -m bench.userstacks
+
+bench-userstacks:
+	bash scripts/setup.sh passt slirp4netns
+	.venv/bin/python -m bench.userstacks

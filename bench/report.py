@@ -301,6 +301,12 @@ def render(results, info, seconds, pngName):
     if errors:
         lines += ["", "## Failed measurements", ""]
         lines += [f"- {BY_KEY[k].label}: {e.splitlines()[0]}" for k, e in errors]
+    lines += [
+        "",
+        "The rootless agent (`--stack user`) beside the TUN agent, with 0, 5 and 20 ms of added round "
+        "trip: [rootless.md](rootless.md) (`make bench-rootless`); libslirp against pasta: "
+        "[userstacks.md](userstacks.md).",
+    ]
     lines += ["", f"![throughput]({pngName})", ""]
     return "\n".join(lines)
 
