@@ -410,6 +410,53 @@ class StackPairTests(unittest.TestCase):
         self.assertEqual(checksum(reply[20:]), 0)
         self.assertTrue(reply.endswith(b"ping-payload"))
 
+    def test_hangUpOnlyForReaders(self):
+        """
+        A socket slirp only writes to hears of its peer's hang-up through the
+        write that fails, not as HUP: slirp takes HUP for end of input, and
+        would never get to the write (the rootless server spun at 100% CPU
+        when a service closed while the tunnel still had data for it).
+        """
+        import select
+
+        from ent.capture.userstack import POLL_ERR, POLL_HUP, POLL_IN, POLL_OUT
+
+        stack = self.stack("192.168.0.254/24", lambda packets, size: None, exposures=[Exposure("tcp", 6978, None, 7)])
+        stack._polled = [(50, POLL_OUT | POLL_ERR), (51, POLL_IN | POLL_HUP)]
+        stack._revents = {50: select.EPOLLOUT | select.EPOLLHUP, 51: select.EPOLLIN | select.EPOLLHUP}
+        self.assertEqual(stack._reventsOf(0, None), POLL_OUT)
+        self.assertEqual(stack._reventsOf(1, None), POLL_IN | POLL_HUP)
+        stack._revents = {}
+
+    def test_nothingToWaitForStaysOutOfEpoll(self):
+        """
+        An fd slirp polls only for errors is not in epoll, which would report
+        its hang-up at every turn.
+        """
+        from ent.capture.userstack import POLL_ERR, POLL_HUP
+
+        stack = self.stack("192.168.0.1/24", lambda packets, size: None)
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        b.close()
+        original = stack.lib
+        fill = original.slirp_pollfds_fill
+
+        class Lib:
+            def __getattr__(self, name):
+                return getattr(original, name)
+
+            def slirp_pollfds_fill(self, s, timeout, addPoll, opaque):
+                fill(s, timeout, addPoll, opaque)
+                addPoll(a.fileno(), POLL_ERR | POLL_HUP, opaque)
+
+        stack.lib = Lib()
+        self.addCleanup(setattr, stack, "lib", original)
+        stack._fill()
+        self.assertNotIn(a.fileno(), stack._registered)
+        self.assertEqual(stack._epoll.poll(0), [])
+
     def test_notIpv4CountedNotLost(self):
         server = self.stack("192.168.0.254/24", lambda packets, size: None, exposures=[Exposure("tcp", 6978, None, 7)])
         ipv6 = bytes([0x60]) + bytes(39)

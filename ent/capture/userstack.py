@@ -329,7 +329,11 @@ class UserStack(FileDescriptor):
         self.lib.slirp_pollfds_fill(self._slirp, timeout, self._addPoll, self.ffi.NULL)
         wanted = {}
         for fd, events in self._polled:
-            wanted[fd] = wanted.get(fd, 0) | _epollMask(events, self.stats.paused)
+            mask = _epollMask(events, self.stats.paused)
+            if mask:
+                # An fd with nothing to wait for stays out of epoll, which
+                # would report its hang-up or error again and again.
+                wanted[fd] = wanted.get(fd, 0) | mask
         registered = self._registered
         epoll = self._epoll
         for fd in [fd for fd in registered if fd not in wanted]:
@@ -559,7 +563,14 @@ class UserStack(FileDescriptor):
         for flag, bit in _FROM_EPOLL:
             if happened & flag:
                 revents |= bit
-        return revents & (events | POLL_ERR | POLL_HUP)
+        # A hang-up is news only to a socket slirp reads: it takes any HUP
+        # for an end of input, and a socket it only writes to would go back
+        # to reading, never to its write that fails and closes the flow,
+        # and the hang-up would be reported again at once, for ever.
+        allowed = events | POLL_ERR
+        if events & POLL_IN:
+            allowed |= POLL_HUP
+        return revents & allowed
 
 
 SOCKET_DIR_PREFIX = "ent-enta-"
