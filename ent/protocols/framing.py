@@ -6,6 +6,7 @@ length, then the raw IP packet (no TUN packet-info header).
 import struct
 
 from ent.errors import EmptyFrame, FrameTooLarge
+from ent.protocols.packets import ANNOUNCE_SIZE
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
@@ -43,11 +44,17 @@ class FrameDecoder:
     raises a L{ent.errors.FramingError}; the caller drops the connection.
     """
 
-    def __init__(self, maxLength=MAX_PACKET):
+    def __init__(self, maxLength=MAX_PACKET, trackPairs=False):
         self.maxLength = maxLength
         self._buffer = bytearray()
         # Whole frames returned so far, for the leg's counters.
         self.completed = 0
+        # With trackPairs, frames() also tells in pair the source and
+        # destination addresses (concatenated) that every frame it just
+        # returned shares, or None: a router then routes a bulk flow's batch
+        # once, not frame by frame.
+        self.trackPairs = trackPairs
+        self.pair = None
 
     @property
     def pending(self):
@@ -77,6 +84,48 @@ class FrameDecoder:
             offset += HEADER_SIZE + length
             count += 1
         self.completed += count
+        return offset
+
+    def _scanPairs(self, buffer):
+        """
+        L{_scan}, and set L{pair}: the addresses of the frames it passes if
+        they are all alike (IP, and not an announcement's length).
+        """
+        offset = 0
+        count = 0
+        end = len(buffer)
+        unpack = HEADER.unpack_from
+        maxLength = self.maxLength
+        pair = None
+        alike = True
+        while end - offset >= HEADER_SIZE:
+            (length,) = unpack(buffer, offset)
+            if length == 0:
+                raise EmptyFrame("frame with length 0")
+            if length > maxLength:
+                raise FrameTooLarge(f"frame of {length} bytes exceeds the maximum of {maxLength}")
+            if end - offset - HEADER_SIZE < length:
+                break
+            if alike:
+                start = offset + HEADER_SIZE
+                version = buffer[start] >> 4
+                if length == ANNOUNCE_SIZE:
+                    alike = False
+                elif version == 4 and length >= 20:
+                    key = buffer[start + 12 : start + 20]
+                elif version == 6 and length >= 40:
+                    key = buffer[start + 8 : start + 40]
+                else:
+                    alike = False
+                if alike:
+                    if pair is None:
+                        pair = key
+                    elif key != pair:
+                        alike = False
+            offset += HEADER_SIZE + length
+            count += 1
+        self.completed += count
+        self.pair = bytes(pair) if alike and pair is not None else None
         return offset
 
     def packets(self, data):
@@ -109,15 +158,16 @@ class FrameDecoder:
         still framed, as one buffer (for relaying without re-framing).
         """
         buffer = self._buffer
+        scan = self._scanPairs if self.trackPairs else self._scan
         if not buffer:
             # Fast path: no partial frame held, relay slices of data as is.
-            end = self._scan(data)
+            end = scan(data)
             if end == len(data):
                 return data
             buffer += memoryview(data)[end:]
             return data[:end]
         buffer += data
-        end = self._scan(buffer)
+        end = scan(buffer)
         if not end:
             return b""
         whole = bytes(buffer[:end])

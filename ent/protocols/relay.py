@@ -50,6 +50,8 @@ class RelayLeg(FramedLeg):
         self.side = side
         self.leg = side
         FramedLeg.__init__(self, hub.stats, hub.clock)
+        # The router routes a batch of alike frames at once.
+        self.decoder.trackPairs = True
         self.hub = hub
         # The prefixes this leg's --entg-connect routes to it, if any.
         self.routes = tuple(routes)
@@ -86,7 +88,7 @@ class RelayLeg(FramedLeg):
     def framedDataReceived(self, frames, count):
         self.packetsReceived += count
         self.bytesReceived += len(frames)
-        self.hub.forward(self, frames, count)
+        self.hub.forward(self, frames, count, self.decoder.pair)
 
     def legDown(self, reason):
         self.hub.detach(self, reason)
