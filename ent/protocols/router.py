@@ -261,6 +261,11 @@ class Router:
             # A peer with routes takes only those, even alone.
             self._sole[side] = sole if sole is None or not sole.routes else None
         self.generation += 1
+        # One agent and one peer: the peer's frames are the agent's whatever
+        # their addresses, so its decoder need not note them.
+        relaying = self._sole["agent"] is not None and self._sole["peer"] is not None
+        for leg in self.legs["peer"]:
+            leg.decoder.trackPairs = not relaying
 
     def closeAll(self):
         """
