@@ -558,3 +558,21 @@ class AlikeBatchTests(RouterTestCase):
         self.connect("peer")
         self.send(agent, announcement("192.168.0.1"), announcement("192.168.0.1"))
         self.assertIsNone(agent.decoder.pair)
+
+    def test_interleavedFlowsRoutedOncePerFlow(self):
+        """
+        Frames of three flows, interleaved in one batch: each flow is looked
+        up once, then found in the leg's route cache.
+        """
+        agents = [self.connect("agent") for _ in range(3)]
+        peer = self.connect("peer")
+        for i, agent in enumerate(agents):
+            self.send(agent, packet(f"192.168.0.{i + 1}", "192.168.0.254"))
+        self.take(peer)
+        calls = self.countRoutes()
+        back = [packet("192.168.0.254", f"192.168.0.{i + 1}") for i in range(3)]
+        self.send(peer, *(back * 10))
+        self.send(peer, *(back * 10))
+        self.assertEqual(len(calls), 3)
+        for agent, p in zip(agents, back):
+            self.assertEqual(self.take(agent), frame(p) * 20)

@@ -60,7 +60,10 @@ class RelayLeg(FramedLeg):
         self.owned = set()
         self.prefixes = ()
         self.identities = ()
-        self.routeCache = (None, None, None, None, None)
+        # Where this leg's frames went, by their addresses (source and
+        # destination, concatenated), while the router's generation holds.
+        self.routeCache = {}
+        self.routeGeneration = None
         self.since = None
         self.packetsReceived = self.bytesReceived = 0
         self.packetsSent = self.bytesSent = 0

@@ -65,6 +65,9 @@ ALONE = "alone"
 # Addresses a leg may learn: an agent is one host (or a small routed
 # network behind a bare agent); a peer gateway fronts many.
 MAX_LEARNED = {"agent": 256, "peer": 4096}
+# Routes a leg remembers by address pair (one per flow through it) before
+# they are forgotten all at once.
+ROUTE_CACHE_SIZE = 1024
 
 
 def addressText(packed):
@@ -441,29 +444,34 @@ class Router:
         runStart = 0
         runCount = 0
         seen = 0
-        route = self.route
-        generation, cachedSrc, cachedDst, cachedTarget, cachedReason = source.routeCache
+        cache = self._routeCache(source)
         while offset < end:
             (length,) = unpack(frames, offset)
             start = offset + HEADER_SIZE
             version = frames[start] >> 4
             if version == 4 and length >= 20:
-                src, dst = frames[start + 12 : start + 16], frames[start + 16 : start + 20]
+                addresses = frames[start + 12 : start + 20]
             elif version == 6 and length >= 40:
-                src, dst = frames[start + 8 : start + 24], frames[start + 24 : start + 40]
+                addresses = frames[start + 8 : start + 40]
             else:
-                src = dst = None
-            if length == ANNOUNCE_SIZE and src == dst and isAnnouncement(frames, start, length):
-                target, reason = None, self.announced(source, src)
-            elif src == cachedSrc and dst == cachedDst and generation == self.generation:
-                target, reason = cachedTarget, cachedReason
+                addresses = None
+            half = len(addresses) // 2 if addresses is not None else 0
+            if (
+                length == ANNOUNCE_SIZE
+                and addresses is not None
+                and addresses[:half] == addresses[half:]
+                and isAnnouncement(frames, start, length)
+            ):
+                target, reason = None, self.announced(source, addresses[:half])
             else:
-                target, reason = route(source, src, dst)
-                generation, cachedSrc, cachedDst = self.generation, src, dst
-                cachedTarget, cachedReason = target, reason
+                hit = cache.get(addresses)
+                if hit is None:
+                    hit = self._routeInto(cache, source, addresses)
+                    cache = source.routeCache
+                target, reason = hit
             seen += 1
             if reason is not None:
-                self._dropped(source, reason, dst)
+                self._dropped(source, reason, addresses[half:] if addresses is not None else None)
                 if source.refused:
                     # Refused by this frame: nothing more of it is read.
                     self.drops.count(reason, count - seen, leg=source.side)
@@ -474,7 +482,6 @@ class Router:
                 current, runStart, runCount = target, offset, 0
             runCount += 1
             offset = start + length
-        source.routeCache = (generation, cachedSrc, cachedDst, cachedTarget, cachedReason)
         if current is not None:
             runs.append((current, runStart, offset, runCount))
         if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == end:
@@ -490,20 +497,45 @@ class Router:
                 source, target, buffers, sum(last - first for first, last, _ in pieces), sum(n for _, _, n in pieces)
             )
 
+    def _routeCache(self, source):
+        """
+        C{source}'s routes by addresses, emptied when the router's
+        generation (its legs or owners) changed since they were found.
+        """
+        if source.routeGeneration != self.generation:
+            source.routeCache = {}
+            source.routeGeneration = self.generation
+        return source.routeCache
+
+    def _routeInto(self, cache, source, addresses):
+        """
+        Route C{addresses} (source and destination, concatenated, or
+        C{None} for a frame that is not IP) for C{source}, and remember it.
+        """
+        if addresses is None:
+            hit = self.route(source, None, None)
+        else:
+            half = len(addresses) // 2
+            hit = self.route(source, addresses[:half], addresses[half:])
+        # Routing may have claimed an address: what was found before may no
+        # longer hold.
+        cache = self._routeCache(source)
+        if len(cache) >= ROUTE_CACHE_SIZE:
+            cache.clear()
+        cache[addresses] = hit
+        return hit
+
     def _forwardAlike(self, source, frames, count, pair):
         """
         Route a batch whose frames all have the same addresses with one
         lookup; C{False} if it needs the frame-by-frame path (a drop, whose
         counting and refusal work frame by frame).
         """
-        half = len(pair) // 2
-        src, dst = pair[:half], pair[half:]
-        generation, cachedSrc, cachedDst, cachedTarget, cachedReason = source.routeCache
-        if src == cachedSrc and dst == cachedDst and generation == self.generation:
-            target, reason = cachedTarget, cachedReason
-        else:
-            target, reason = self.route(source, src, dst)
-            source.routeCache = (self.generation, src, dst, target, reason)
+        cache = self._routeCache(source)
+        hit = cache.get(pair)
+        if hit is None:
+            hit = self._routeInto(cache, source, pair)
+        target, reason = hit
         if reason is not None or target is None:
             return False
         self._send(source, target, [frames], len(frames), count)
