@@ -104,3 +104,29 @@ class RelayDecodingTests(unittest.TestCase):
     def test_errorsInRelayMode(self):
         self.assertRaises(EmptyFrame, FrameDecoder().frames, b"\x00" * 8)
         self.assertRaises(FrameTooLarge, FrameDecoder().frames, b"\xff" * 8)
+
+
+class PairTrackingTests(unittest.TestCase):
+    def test_pairOfAlikeFramesAcrossReads(self):
+        decoder = FrameDecoder(trackPairs=True)
+        packet = ipv4()
+        packet = packet[:12] + bytes([10, 0, 0, 1, 10, 0, 0, 2]) + packet[20:]
+        data = frame(packet) * 3
+        self.assertEqual(decoder.frames(data[:30]), data[: len(frame(packet))])
+        self.assertEqual(decoder.pair, bytes([10, 0, 0, 1, 10, 0, 0, 2]))
+        self.assertEqual(decoder.frames(data[30:]), data[len(frame(packet)) :])
+        self.assertEqual(decoder.pair, bytes([10, 0, 0, 1, 10, 0, 0, 2]))
+
+    def test_noPairForMixedOrNonIp(self):
+        decoder = FrameDecoder(trackPairs=True)
+        one = ipv4()
+        other = one[:16] + bytes([9, 9, 9, 9]) + one[20:]
+        decoder.frames(frame(one) + frame(other))
+        self.assertIsNone(decoder.pair)
+        decoder.frames(frame(b"\x00" * 24))
+        self.assertIsNone(decoder.pair)
+
+    def test_untrackedDecoderKeepsNoPair(self):
+        decoder = FrameDecoder()
+        decoder.frames(frame(ipv4()))
+        self.assertIsNone(decoder.pair)

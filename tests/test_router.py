@@ -484,3 +484,95 @@ class AnnouncementTests(RouterTestCase):
         self.assertEqual(packet[12:16], packet[16:20])
         # Header and ICMP checksums verify, as the far kernel checks them.
         self.assertEqual((checksum(packet[:20]), checksum(packet[20:])), (0, 0))
+
+
+class AlikeBatchTests(RouterTestCase):
+    """
+    A batch whose frames all have the same addresses (a bulk flow) is
+    routed with one lookup; what it does is the same as frame by frame.
+    """
+
+    def countRoutes(self):
+        calls = []
+        route = self.router.route
+
+        def counting(source, src, dst):
+            calls.append((src, dst))
+            return route(source, src, dst)
+
+        self.router.route = counting
+        return calls
+
+    def test_alikeBatchRoutedOnce(self):
+        a, b = self.connect("agent"), self.connect("agent")
+        peer = self.connect("peer")
+        self.send(a, packet("192.168.0.1", "192.168.0.254"))
+        self.send(b, packet("192.168.1.1", "192.168.1.254"))
+        self.take(peer)
+        calls = self.countRoutes()
+        bulk = packet("192.168.0.254", "192.168.0.1", b"y" * 1000)
+        self.send(peer, *[bulk] * 50)
+        self.assertEqual(self.take(a), frame(bulk) * 50)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(peer.decoder.pair, bulk[12:20])
+        self.send(peer, *[bulk] * 50)
+        self.assertEqual(len(calls), 1, "the second batch is the leg's cached route")
+        self.assertEqual(a.legStats.packetsSent, 100)
+
+    def test_mixedBatchRoutedFrameByFrame(self):
+        a, b = self.connect("agent"), self.connect("agent")
+        peer = self.connect("peer")
+        self.send(a, packet("192.168.0.1", "192.168.0.254"))
+        self.send(b, packet("192.168.1.1", "192.168.1.254"))
+        self.take(peer)
+        toA, toB = packet("192.168.0.254", "192.168.0.1"), packet("192.168.1.254", "192.168.1.1")
+        self.send(peer, toA, toB)
+        self.assertIsNone(peer.decoder.pair)
+        self.assertEqual(self.take(a), frame(toA))
+        self.assertEqual(self.take(b), frame(toB))
+
+    def test_alikeBatchFromAForeignSourceIsCountedFrameByFrame(self):
+        """
+        An agent's alike batch from an address another agent owns: the first
+        frame refuses the leg, every frame is counted.
+        """
+        a, b = self.connect("agent"), self.connect("agent")
+        self.connect("peer")
+        self.send(a, packet("192.168.0.1", "192.168.0.254"))
+        self.send(b, *[packet("192.168.0.1", "192.168.0.254")] * 5)
+        self.assertEqual(self.drops.total[("agent", "source_not_owned")], 5)
+        self.assertTrue(b.refused)
+
+    def test_soleAgentAlikeBatchFromAnOwnedSource(self):
+        agent, peer = self.connect("agent"), self.connect("peer")
+        self.send(agent, packet("192.168.0.1", "192.168.0.254"))
+        self.take(peer)
+        bulk = packet("192.168.0.1", "192.168.0.254", b"z" * 100)
+        self.send(agent, *[bulk] * 20)
+        self.assertEqual(self.take(peer), frame(bulk) * 20)
+
+    def test_announcementLengthIsNeverAlike(self):
+        from ent.protocols.packets import announcement
+
+        agent = self.connect("agent")
+        self.connect("peer")
+        self.send(agent, announcement("192.168.0.1"), announcement("192.168.0.1"))
+        self.assertIsNone(agent.decoder.pair)
+
+    def test_interleavedFlowsRoutedOncePerFlow(self):
+        """
+        Frames of three flows, interleaved in one batch: each flow is looked
+        up once, then found in the leg's route cache.
+        """
+        agents = [self.connect("agent") for _ in range(3)]
+        peer = self.connect("peer")
+        for i, agent in enumerate(agents):
+            self.send(agent, packet(f"192.168.0.{i + 1}", "192.168.0.254"))
+        self.take(peer)
+        calls = self.countRoutes()
+        back = [packet("192.168.0.254", f"192.168.0.{i + 1}") for i in range(3)]
+        self.send(peer, *(back * 10))
+        self.send(peer, *(back * 10))
+        self.assertEqual(len(calls), 3)
+        for agent, p in zip(agents, back):
+            self.assertEqual(self.take(agent), frame(p) * 20)

@@ -9,6 +9,9 @@ from ent.errors import EmptyFrame, FrameTooLarge
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
+# A frame's length, then its IPv4 header's first byte and the source and
+# destination addresses (as one number), for L{FrameDecoder._scanPairs}.
+_FRAMED_IPV4 = struct.Struct(">IB11xQ")
 
 # The largest IP packet: IPv4's total length and IPv6's payload length are
 # 16-bit fields, and no TUN MTU exceeds 65535.
@@ -43,11 +46,17 @@ class FrameDecoder:
     raises a L{ent.errors.FramingError}; the caller drops the connection.
     """
 
-    def __init__(self, maxLength=MAX_PACKET):
+    def __init__(self, maxLength=MAX_PACKET, trackPairs=False):
         self.maxLength = maxLength
         self._buffer = bytearray()
         # Whole frames returned so far, for the leg's counters.
         self.completed = 0
+        # With trackPairs, frames() also tells in pair the source and
+        # destination addresses (concatenated) that every frame it just
+        # returned shares, or None: a router then routes a bulk flow's batch
+        # once, not frame by frame.
+        self.trackPairs = trackPairs
+        self.pair = None
 
     @property
     def pending(self):
@@ -77,6 +86,48 @@ class FrameDecoder:
             offset += HEADER_SIZE + length
             count += 1
         self.completed += count
+        return offset
+
+    def _scanPairs(self, buffer):
+        """
+        L{_scan}, and set L{pair}: the source and destination address that
+        every IPv4 frame it passes has (from one address to another: an
+        announcement's are equal), or C{None}.  One C{unpack} per frame reads
+        the length, the first byte and both addresses, so a bulk flow's batch
+        costs little more than a plain scan.
+        """
+        offset = 0
+        count = 0
+        end = len(buffer)
+        unpack = HEADER.unpack_from
+        unpackIpv4 = _FRAMED_IPV4.unpack_from
+        maxLength = self.maxLength
+        first = pair = None
+        alike = True
+        while end - offset >= HEADER_SIZE:
+            if alike and end - offset >= _FRAMED_IPV4.size:
+                length, byte0, addresses = unpackIpv4(buffer, offset)
+            else:
+                (length,) = unpack(buffer, offset)
+                byte0 = None
+            if length == 0:
+                raise EmptyFrame("frame with length 0")
+            if length > maxLength:
+                raise FrameTooLarge(f"frame of {length} bytes exceeds the maximum of {maxLength}")
+            if end - offset - HEADER_SIZE < length:
+                break
+            if alike:
+                if byte0 is None or length < 20:
+                    alike = False
+                elif pair is None:
+                    first, pair = byte0, addresses
+                    alike = byte0 >> 4 == 4 and addresses >> 32 != addresses & 0xFFFFFFFF
+                elif byte0 != first or addresses != pair:
+                    alike = False
+            offset += HEADER_SIZE + length
+            count += 1
+        self.completed += count
+        self.pair = pair.to_bytes(8, "big") if alike and pair is not None else None
         return offset
 
     def packets(self, data):
@@ -109,15 +160,16 @@ class FrameDecoder:
         still framed, as one buffer (for relaying without re-framing).
         """
         buffer = self._buffer
+        scan = self._scanPairs if self.trackPairs else self._scan
         if not buffer:
             # Fast path: no partial frame held, relay slices of data as is.
-            end = self._scan(data)
+            end = scan(data)
             if end == len(data):
                 return data
             buffer += memoryview(data)[end:]
             return data[:end]
         buffer += data
-        end = self._scan(buffer)
+        end = scan(buffer)
         if not end:
             return b""
         whole = bytes(buffer[:end])

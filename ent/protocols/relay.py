@@ -50,6 +50,8 @@ class RelayLeg(FramedLeg):
         self.side = side
         self.leg = side
         FramedLeg.__init__(self, hub.stats, hub.clock)
+        # The router routes a batch of alike frames at once.
+        self.decoder.trackPairs = True
         self.hub = hub
         # The prefixes this leg's --entg-connect routes to it, if any.
         self.routes = tuple(routes)
@@ -58,7 +60,10 @@ class RelayLeg(FramedLeg):
         self.owned = set()
         self.prefixes = ()
         self.identities = ()
-        self.routeCache = (None, None, None, None, None)
+        # Where this leg's frames went, by their addresses (source and
+        # destination, concatenated), while the router's generation holds.
+        self.routeCache = {}
+        self.routeGeneration = None
         self.since = None
         self.packetsReceived = self.bytesReceived = 0
         self.packetsSent = self.bytesSent = 0
@@ -86,7 +91,7 @@ class RelayLeg(FramedLeg):
     def framedDataReceived(self, frames, count):
         self.packetsReceived += count
         self.bytesReceived += len(frames)
-        self.hub.forward(self, frames, count)
+        self.hub.forward(self, frames, count, self.decoder.pair)
 
     def legDown(self, reason):
         self.hub.detach(self, reason)

@@ -65,6 +65,9 @@ ALONE = "alone"
 # Addresses a leg may learn: an agent is one host (or a small routed
 # network behind a bare agent); a peer gateway fronts many.
 MAX_LEARNED = {"agent": 256, "peer": 4096}
+# Routes a leg remembers by address pair (one per flow through it) before
+# they are forgotten all at once.
+ROUTE_CACHE_SIZE = 1024
 
 
 def addressText(packed):
@@ -261,6 +264,11 @@ class Router:
             # A peer with routes takes only those, even alone.
             self._sole[side] = sole if sole is None or not sole.routes else None
         self.generation += 1
+        # One agent and one peer: the peer's frames are the agent's whatever
+        # their addresses, so its decoder need not note them.
+        relaying = self._sole["agent"] is not None and self._sole["peer"] is not None
+        for leg in self.legs["peer"]:
+            leg.decoder.trackPairs = not relaying
 
     def closeAll(self):
         """
@@ -404,9 +412,11 @@ class Router:
             return None, "other_side_not_connected"
         return None, reason
 
-    def forward(self, source, frames, count):
+    def forward(self, source, frames, count, pair=None):
         """
-        Send the whole frames in C{frames} (C{count} of them) where they go.
+        Send the whole frames in C{frames} (C{count} of them) where they go;
+        C{pair}, if given, is the source and destination address that every
+        one of them has (L{FrameDecoder.pair}).
         """
         if source.refused:
             # Read before its close took effect: it goes nowhere.
@@ -417,9 +427,15 @@ class Router:
             # One agent, one peer: everything from the peer is the agent's,
             # whatever its addresses (as ENG relays), and everything from
             # the agent is the peer's if it comes from addresses it owns.
-            if source.side == "peer" or self._ownedSources(source, frames):
+            if (
+                source.side == "peer"
+                or (pair is not None and pair[: len(pair) // 2] in source.owned)
+                or (pair is None and self._ownedSources(source, frames))
+            ):
                 self._send(source, sole[OTHER[source.side]], [frames], len(frames), count)
                 return
+        elif pair is not None and self._forwardAlike(source, frames, count, pair):
+            return
         runs = []
         unpack = HEADER.unpack_from
         end = len(frames)
@@ -428,29 +444,34 @@ class Router:
         runStart = 0
         runCount = 0
         seen = 0
-        route = self.route
-        generation, cachedSrc, cachedDst, cachedTarget, cachedReason = source.routeCache
+        cache = self._routeCache(source)
         while offset < end:
             (length,) = unpack(frames, offset)
             start = offset + HEADER_SIZE
             version = frames[start] >> 4
             if version == 4 and length >= 20:
-                src, dst = frames[start + 12 : start + 16], frames[start + 16 : start + 20]
+                addresses = frames[start + 12 : start + 20]
             elif version == 6 and length >= 40:
-                src, dst = frames[start + 8 : start + 24], frames[start + 24 : start + 40]
+                addresses = frames[start + 8 : start + 40]
             else:
-                src = dst = None
-            if length == ANNOUNCE_SIZE and src == dst and isAnnouncement(frames, start, length):
-                target, reason = None, self.announced(source, src)
-            elif src == cachedSrc and dst == cachedDst and generation == self.generation:
-                target, reason = cachedTarget, cachedReason
+                addresses = None
+            half = len(addresses) // 2 if addresses is not None else 0
+            if (
+                length == ANNOUNCE_SIZE
+                and addresses is not None
+                and addresses[:half] == addresses[half:]
+                and isAnnouncement(frames, start, length)
+            ):
+                target, reason = None, self.announced(source, addresses[:half])
             else:
-                target, reason = route(source, src, dst)
-                generation, cachedSrc, cachedDst = self.generation, src, dst
-                cachedTarget, cachedReason = target, reason
+                hit = cache.get(addresses)
+                if hit is None:
+                    hit = self._routeInto(cache, source, addresses)
+                    cache = source.routeCache
+                target, reason = hit
             seen += 1
             if reason is not None:
-                self._dropped(source, reason, dst)
+                self._dropped(source, reason, addresses[half:] if addresses is not None else None)
                 if source.refused:
                     # Refused by this frame: nothing more of it is read.
                     self.drops.count(reason, count - seen, leg=source.side)
@@ -461,7 +482,6 @@ class Router:
                 current, runStart, runCount = target, offset, 0
             runCount += 1
             offset = start + length
-        source.routeCache = (generation, cachedSrc, cachedDst, cachedTarget, cachedReason)
         if current is not None:
             runs.append((current, runStart, offset, runCount))
         if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == end:
@@ -476,6 +496,50 @@ class Router:
             self._send(
                 source, target, buffers, sum(last - first for first, last, _ in pieces), sum(n for _, _, n in pieces)
             )
+
+    def _routeCache(self, source):
+        """
+        C{source}'s routes by addresses, emptied when the router's
+        generation (its legs or owners) changed since they were found.
+        """
+        if source.routeGeneration != self.generation:
+            source.routeCache = {}
+            source.routeGeneration = self.generation
+        return source.routeCache
+
+    def _routeInto(self, cache, source, addresses):
+        """
+        Route C{addresses} (source and destination, concatenated, or
+        C{None} for a frame that is not IP) for C{source}, and remember it.
+        """
+        if addresses is None:
+            hit = self.route(source, None, None)
+        else:
+            half = len(addresses) // 2
+            hit = self.route(source, addresses[:half], addresses[half:])
+        # Routing may have claimed an address: what was found before may no
+        # longer hold.
+        cache = self._routeCache(source)
+        if len(cache) >= ROUTE_CACHE_SIZE:
+            cache.clear()
+        cache[addresses] = hit
+        return hit
+
+    def _forwardAlike(self, source, frames, count, pair):
+        """
+        Route a batch whose frames all have the same addresses with one
+        lookup; C{False} if it needs the frame-by-frame path (a drop, whose
+        counting and refusal work frame by frame).
+        """
+        cache = self._routeCache(source)
+        hit = cache.get(pair)
+        if hit is None:
+            hit = self._routeInto(cache, source, pair)
+        target, reason = hit
+        if reason is not None or target is None:
+            return False
+        self._send(source, target, [frames], len(frames), count)
+        return True
 
     @staticmethod
     def _ownedSources(agent, frames):
