@@ -359,7 +359,7 @@ def run(agents, seconds, generator=None, source=None, name=None):
 
 # The routing-cost rows: (label, source tree, idle agents, active agents).
 COST_ROWS = (
-    ("main: one-to-one relay, 1 agent", "baseline", 0, 1),
+    ("one-to-one relay (before the router), 1 agent", "baseline", 0, 1),
     ("this tree, 1 agent alone", None, 0, 1),
     ("this tree, 1 agent + 1000 idle", None, 1000, 1),
     ("this tree, 3 agents at once", None, 0, 3),
@@ -421,8 +421,8 @@ def renderCost(rows, seconds, rounds):
                 b, x = base[direction], r[direction]
                 throughput = 100 * x["frames_per_second"] / b["frames_per_second"]
                 cpuCost = 100 * (x["gateway_cpu_us_per_frame"] / b["gateway_cpu_us_per_frame"] - 1)
-                parts.append(f"{what}: throughput {throughput:.0f} % of main's, CPU per frame {cpuCost:+.0f} %")
-            lines.append(f"- {label} against main: " + "; ".join(parts))
+                parts.append(f"{what}: throughput {throughput:.0f} % of the relay's, CPU per frame {cpuCost:+.0f} %")
+            lines.append(f"- {label} against the relay: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
 
@@ -450,13 +450,20 @@ def render(results, seconds):
     return "\n".join(lines) + "\n"
 
 
+# Main as it was before the routing gateway (issue 13) was merged: the
+# one-to-one relay the routing cost is measured against.
+RELAY_BASELINE = "52820bd"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[1])
     parser.add_argument("--agents", default="1,100,1000", help="agent counts, comma-separated")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per rate")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the routing-cost rows (0: none)")
     parser.add_argument(
-        "--baseline", default="main", help="git ref of today's one-to-one relay, for the routing cost (default main)"
+        "--baseline",
+        default=RELAY_BASELINE,
+        help=f"git ref of the one-to-one relay, for the routing cost (default {RELAY_BASELINE}: main before the router)",
     )
     parser.add_argument("--inside", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--idle", type=int, help=argparse.SUPPRESS)
