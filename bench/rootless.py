@@ -32,7 +32,6 @@ Writes bench/rootless.md (bench/results.md links it).
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import signal
@@ -44,6 +43,8 @@ import time
 if __package__ in (None, ""):  # run as a script: python bench/rootless.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import measure as tools  # noqa: E402
+from bench.topology import MeasureError, say  # noqa: E402
 from ent.testing.topology import ADDRESS, USER_LISTEN_PORT, Tunnel  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,14 +112,6 @@ PAIRS = [
     Pair("userboth", "rootless", "rootless"),
 ]
 BY_KEY = {p.key: p for p in PAIRS}
-
-
-def say(text=""):
-    print(text, flush=True)
-
-
-class MeasureError(Exception):
-    pass
 
 
 class BenchTunnel(Tunnel):
@@ -230,54 +223,10 @@ def peakRss(pid):
     return None
 
 
-def iperf(t, host, port, seconds, reverse=False):
-    argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "5000"]
-    if reverse:
-        argv.append("-R")
-    data = {}
-    for attempt in (1, 2):
-        time.sleep(1)  # iperf3's server may still be closing the last test
-        try:
-            result = t.exec("client", *argv, timeout=seconds + 30)
-        except subprocess.TimeoutExpired:
-            raise MeasureError(f"iperf3 {' '.join(argv[1:])}: no result within {seconds + 30}s")
-        try:
-            data = json.loads(result.stdout)
-        except ValueError:
-            data = {"error": (result.stdout + result.stderr).strip()[-300:]}
-        if result.returncode == 0 and "error" not in data:
-            break
-        if attempt == 2:
-            raise MeasureError(f"iperf3 {' '.join(argv[1:])}: {data.get('error')}")
-        say(f"    (iperf3 {' '.join(argv[1:])}: {data.get('error')}; once more)")
-    received = data["end"]["sum_received"]
-    return {
-        "bps": received["bits_per_second"],
-        "bytes": received["bytes"],
-        "retransmits": data["end"].get("sum_sent", {}).get("retransmits"),
-    }
-
-
 def pingpong(t, host, port, rtt):
     # Fewer round trips with a delay, so that each run stays a few seconds.
     count, warmup = {0: (2000, 200), 5: (400, 20)}.get(rtt, (150, 10))
-    result = t.exec(
-        "client",
-        sys.executable,
-        PINGPONG,
-        "client",
-        host,
-        str(port),
-        "-n",
-        str(count),
-        "--warmup",
-        str(warmup),
-        timeout=120,
-    )
-    try:
-        return json.loads(result.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise MeasureError(f"ping-pong {host}:{port}: {(result.stdout + result.stderr).strip()[-300:]}")
+    return tools.pingpong(t, host, count, warmup, port=port, server=None)
 
 
 def measure(tunnel, rtt, seconds):
@@ -297,7 +246,7 @@ def measure(tunnel, rtt, seconds):
     attempt("pingpong", pingpong, t, lhost, lport, rtt)
     for key, reverse in (("forward", False), ("reverse", True)):
         before = {h: cpuSeconds(pid) for h, pid in agents.items()}
-        attempt(key, iperf, t, host, port, seconds, reverse=reverse)
+        attempt(key, tools.iperf, t, host, seconds, reverse=reverse, port=port)
         after = {h: cpuSeconds(pid) for h, pid in agents.items()}
         if out.get(key) and out[key]["bytes"]:
             gb = out[key]["bytes"] / 1e9

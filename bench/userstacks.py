@@ -26,7 +26,6 @@ import ctypes
 import datetime
 import heapq
 import itertools
-import json
 import os
 import platform
 import selectors
@@ -41,6 +40,8 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import measure as tools  # noqa: E402
+from bench.topology import MeasureError, say  # noqa: E402
 from ent.testing.topology import Topology  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,10 +55,6 @@ TUN_MTU = 65000
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
-
-
-def say(text=""):
-    print(text, flush=True)
 
 
 # --- the delayer -----------------------------------------------------------
@@ -223,37 +220,18 @@ def build(t, stack, delayFile):
 
 
 def iperf(t, seconds, reverse):
-    argv = ["iperf3", "-c", FAR, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", "--connect-timeout", "5000"]
-    if reverse:
-        argv.append("-R")
-    time.sleep(1)
-    result = t.exec("guest", *argv, timeout=seconds + 30)
     try:
-        data = json.loads(result.stdout)
-        return data["end"]["sum_received"]["bits_per_second"]
-    except (ValueError, KeyError):
-        say(f"    iperf3 {' '.join(argv[1:])}: {(result.stdout + result.stderr).strip()[-200:]}")
+        return tools.iperf(t, FAR, seconds, reverse, port=IPERF_PORT, host="guest")["bps"]
+    except MeasureError as e:
+        say(f"    {e}")
         return None
 
 
 def pingpong(t, rtt):
     count, warmup = (2000, 200) if not rtt else (150, 10)
-    result = t.exec(
-        "guest",
-        sys.executable,
-        PINGPONG,
-        "client",
-        FAR,
-        str(LATENCY_PORT),
-        "-n",
-        str(count),
-        "--warmup",
-        str(warmup),
-        timeout=120,
-    )
     try:
-        return json.loads(result.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+        return tools.pingpong(t, FAR, count, warmup, port=LATENCY_PORT, host="guest", server=None)
+    except MeasureError:
         return None
 
 
