@@ -574,5 +574,5 @@ class AlikeBatchTests(RouterTestCase):
         self.send(peer, *(back * 10))
         self.send(peer, *(back * 10))
         self.assertEqual(len(calls), 3)
-        for agent, p in zip(agents, back):
+        for agent, p in zip(agents, back, strict=True):
             self.assertEqual(self.take(agent), frame(p) * 20)
