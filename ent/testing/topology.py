@@ -42,6 +42,8 @@ ADDRESS = {
 }
 
 
+# Seconds the processes of a topology get to exit on SIGTERM before SIGKILL.
+DESTROY_GRACE = 3.0
 # Run a command as nobody with every capability dropped, for good.
 UNPRIVILEGED = (
     "setpriv",
@@ -180,7 +182,22 @@ class Topology:
         return process.returncode, time.monotonic() - started
 
     def destroy(self):
-        for process in reversed(self.processes):
+        # SIGTERM first, so that what cleans up after itself outside the
+        # namespaces (a rootless agent's socket directory) can; SIGKILL what
+        # is still there after a grace period.
+        alive = [p for p in reversed(self.processes) if p.poll() is None]
+        for process in alive:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + DESTROY_GRACE
+        for process in alive:
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                pass
+        for process in alive:
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGKILL)
