@@ -20,7 +20,6 @@ reaches slirp: L{ent.capture.userudp.UdpFlows} carries it.
 """
 
 import errno
-import ipaddress
 import os
 import select
 import shutil
@@ -183,19 +182,18 @@ class UserStack(FileDescriptor):
         config.disable_host_loopback = True
         config.disable_dns = True
         config.disable_dhcp = True
-        self._slirpMac = b"\x52\x55" + ipaddress.IPv4Address(vhost).packed
         self._callbacks = callbacks = ffi.new("SlirpCb *")
         self._keep = [
             self._callback("SlirpWriteCb", self._sendPacket, -1),
             self._callback("void(*)(const char *, void *)", self._guestError),
             self._callback("int64_t(*)(void *)", self._clockNs, 0),
             self._callback("void *(*)(SlirpTimerCb, void *, void *)", self._noTimer),
-            self._callback("void(*)(void *, void *)", self._nothing2),
-            self._callback("void(*)(void *, int64_t, void *)", self._nothing3),
-            self._callback("void(*)(int, void *)", self._registerFd),
+            self._callback("void(*)(void *, void *)", self._ignore),
+            self._callback("void(*)(void *, int64_t, void *)", self._ignore),
+            self._callback("void(*)(int, void *)", self._ignore),
             self._callback("void(*)(int, void *)", self._unregisterFd),
-            self._callback("void(*)(void *)", self._nothing1),
-            self._callback("void(*)(Slirp *, void *)", self._nothing2),
+            self._callback("void(*)(void *)", self._ignore),
+            self._callback("void(*)(Slirp *, void *)", self._ignore),
             self._callback("void *(*)(SlirpTimerId, void *, void *)", self._noTimer),
         ]
         (
@@ -213,6 +211,8 @@ class UserStack(FileDescriptor):
         ) = self._keep
         self._addPoll = self._callback("SlirpAddPollCb", self._addPollFd, -1)
         self._getRevents = self._callback("SlirpGetREventsCb", self._reventsOf, 0)
+        # All of it lives as long as the Slirp: slirp keeps what it is given,
+        # not a copy (LIBSLIRP.md).
         self._config = config
         self._slirp = lib.slirp_new(config, callbacks, ffi.NULL)
         if self._slirp == ffi.NULL:
@@ -533,16 +533,9 @@ class UserStack(FileDescriptor):
     def _noTimer(self, *args):
         return self.ffi.NULL
 
-    def _nothing1(self, a):
-        pass
-
-    def _nothing2(self, a, b):
-        pass
-
-    def _nothing3(self, a, b, c):
-        pass
-
-    def _registerFd(self, fd, opaque):
+    def _ignore(self, *args):
+        # Timers serve only IPv6 (off); fds are polled at each fill; a
+        # notify needs nothing when we refill after each input.
         pass
 
     def _unregisterFd(self, fd, opaque):
