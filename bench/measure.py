@@ -102,6 +102,39 @@ def pingpong(t, target, count=2000, warmup=200, port=LATENCY_PORT, host="client"
         raise MeasureError(f"ping-pong {target}:{port}: {(result.stdout + result.stderr).strip()[-300:]}")
 
 
+# One busy loop per CPU, for the loaded ping-pong: work that competes with
+# the path's processes for the CPUs, as on a busy host.
+BUSY_LOOP = "while True: pass"
+
+
+@contextlib.contextmanager
+def cpuLoad(processes=None):
+    """
+    Keep every CPU busy (one busy loop each, at normal priority) while the
+    block runs; they only compute, in no namespace's network.
+    """
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdin=subprocess.DEVNULL)
+        for _ in range(processes or os.cpu_count() or 1)
+    ]
+    try:
+        time.sleep(0.2)
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
+
+
+def loadedPingpong(t, target):
+    """
+    L{pingpong} while every CPU is kept busy by L{cpuLoad}.
+    """
+    with cpuLoad():
+        return pingpong(t, target, count=2000, warmup=200)
+
+
 def tunnelProcesses(t):
     """
     {pid: label} of the processes in the namespaces that carry the tunnel
@@ -165,6 +198,10 @@ def measure(config, t, target, pingTarget, seconds, latencyOnly=False):
         say(f"    ping-pong {pp['rate']:.0f} round trips/s, p50 {pp['p50']:.0f} µs, p99 {pp['p99']:.0f} µs")
     if result.get("ping"):
         say(f"    ping      avg {result['ping']['avg']:.3f} ms, median {result['ping']['median']:.3f} ms")
+    attempt("pingpongLoaded", loadedPingpong, t, target)
+    if result.get("pingpongLoaded"):
+        pp = result["pingpongLoaded"]
+        say(f"    loaded    {pp['rate']:.0f} round trips/s, p50 {pp['p50']:.0f} µs, p99 {pp['p99']:.0f} µs")
     if latencyOnly:
         return result
     processes = tunnelProcesses(t)

@@ -8,6 +8,7 @@ import datetime
 import os
 import platform
 import re
+import statistics
 import subprocess
 
 from bench.measure import rate
@@ -42,13 +43,17 @@ def addedPing(results, key):
     return None if mine is None or kernel is None else mine - kernel
 
 
-def pp50(results, key):
-    entry = (results.get(key) or {}).get("pingpong")
+def pp50(results, key, which="pingpong"):
+    entry = (results.get(key) or {}).get(which)
     return entry["p50"] if entry else None
 
 
-def addedP50(results, key):
-    mine, kernel = pp50(results, key), pp50(results, "kernel")
+def addedP50(results, key, which="pingpong"):
+    """
+    What C{key}'s path adds to the round trip's p50 over the kernel path's,
+    idle (C{"pingpong"}) or with every CPU busy (C{"pingpongLoaded"}).
+    """
+    mine, kernel = pp50(results, key, which), pp50(results, "kernel", which)
     return None if mine is None or kernel is None else mine - kernel
 
 
@@ -59,17 +64,20 @@ def latencyTable(results):
     """
     lines = [
         "| configuration | round trips/s | p50 µs | p99 µs | added p50 µs | added ÷ OpenVPN's "
+        "| loaded p50 µs | loaded p99 µs | loaded added µs | loaded added ÷ OpenVPN's "
         "| ping median µs | added ping µs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     kernelPing = (results.get("kernel") or {}).get("ping")
     for config in CONFIGS:
         if config.key not in results:
             continue
         entry = results[config.key] or {}
-        pp, pi = entry.get("pingpong"), entry.get("ping")
+        pp, pi, loaded = entry.get("pingpong"), entry.get("ping"), entry.get("pingpongLoaded")
         added = addedP50(results, config.key)
         base = addedP50(results, OPENVPN_BASELINE.get(config.key))
+        addedLoaded = addedP50(results, config.key, "pingpongLoaded")
+        baseLoaded = addedP50(results, OPENVPN_BASELINE.get(config.key), "pingpongLoaded")
         cells = [
             config.label,
             f"{pp['rate']:.0f}" if pp else "—",
@@ -77,6 +85,12 @@ def latencyTable(results):
             f"{pp['p99']:.0f}" if pp else "—",
             "—" if config.key == "kernel" or added is None else f"{added:+.0f}",
             "—" if config.key == "kernel" or added is None or not base else f"{added / base:.2f}×",
+            f"{loaded['p50']:.0f}" if loaded else "—",
+            f"{loaded['p99']:.0f}" if loaded else "—",
+            "—" if config.key == "kernel" or addedLoaded is None else f"{addedLoaded:+.0f}",
+            "—"
+            if config.key == "kernel" or addedLoaded is None or not baseLoaded
+            else f"{addedLoaded / baseLoaded:.2f}×",
             f"{pi['median'] * 1000:.0f}" if pi else "—",
             "—"
             if config.key == "kernel" or not pi or not kernelPing
@@ -86,11 +100,72 @@ def latencyTable(results):
     return lines
 
 
+def medianResults(rounds):
+    """
+    One result per configuration from several rounds: the median of each
+    latency figure (rate, p50, p99 of both ping-pongs; the ping's median).
+    """
+    merged = {}
+    for key in {key for results in rounds for key in results}:
+        entries = [results[key] for results in rounds if results.get(key)]
+        entry = {}
+        for which, fields in (("pingpong", ("rate", "p50", "p99")), ("pingpongLoaded", ("rate", "p50", "p99"))):
+            got = [e[which] for e in entries if e.get(which)]
+            if got:
+                entry[which] = {f: statistics.median(g[f] for g in got) for f in fields}
+        pings = [e["ping"] for e in entries if e.get("ping")]
+        if pings:
+            entry["ping"] = {"median": statistics.median(p["median"] for p in pings)}
+        merged[key] = entry
+    return merged
+
+
+def latencyReport(rounds, info):
+    """
+    The latency part on its own (python -m bench.run --latency): the median
+    of the rounds, what each round gave for the ratio to OpenVPN, and each
+    round's table.
+    """
+    lines = [
+        "# ENT latency",
+        "",
+        f"Run {info['date']} with `python -m bench.run --latency --rounds {len(rounds)}` "
+        f"(`make bench` runs it after the throughput part). Machine: Linux {info['kernel']}, {info['cpu']}, {info['nproc']} CPUs. "
+        f"Python {info['python']}.",
+        "",
+        LATENCY_TEXT,
+        "",
+        f"Every configuration was measured {len(rounds)} times, in turn (fresh namespaces each time); "
+        "the table has the median of each figure, added p50 and the ratio are taken from those medians.",
+        "",
+        *latencyTable(medianResults(rounds)),
+        "",
+        "The ratio to OpenVPN default's added p50 in each round, idle / loaded:",
+        "",
+    ]
+    for key in ("ent", "ent1500", "entmetrics"):
+        if not any(key in results for results in rounds):
+            continue
+        ratios = []
+        for results in rounds:
+            cells = []
+            for which in ("pingpong", "pingpongLoaded"):
+                mine, theirs = addedP50(results, key, which), addedP50(results, OPENVPN_BASELINE[key], which)
+                cells.append("—" if mine is None or not theirs else f"{mine / theirs:.2f}×")
+            ratios.append(" / ".join(cells))
+        lines.append(f"- {BY_KEY[key].label}: " + ", ".join(ratios))
+    for number, results in enumerate(rounds, 1):
+        lines += ["", f"Round {number}:", "", *latencyTable(results)]
+    return "\n".join(lines)
+
+
 LATENCY_TEXT = (
     "Latency: `bench/pingpong.py`, a 1-byte TCP request/response with TCP_NODELAY at both ends, from the "
     "client host to the server host's port 5202 (ENT maps and exposes it), 2000 round trips after 200 "
     "warm-up, one at a time; p50/p99 of the round trips, added p50 = p50 − kernel path's p50, "
-    "\"added ÷ OpenVPN's\" divides that by OpenVPN default's added p50. Ping: the median of the "
+    "\"added ÷ OpenVPN's\" divides that by OpenVPN default's added p50. Loaded: the same ping-pong "
+    "(2000 round trips after 200) while one busy loop per CPU competes with the path's processes "
+    "(`bench/measure.py` cpuLoad), compared the same way. Ping: the median of the "
     "20 pings above (idle path, one every 50 ms)."
 )
 
@@ -135,6 +210,15 @@ def goals(results):
         (
             "ENT default's added round trip (1-byte ping-pong p50 over the kernel path) ≤ 2 × OpenVPN "
             "default's (issue 15)",
+            "—" if met is None else f"{mine:+.0f} µs vs {theirs:+.0f} µs ({mine / theirs:.2f}×)",
+            met,
+        )
+    )
+    mine, theirs = addedP50(results, "ent", "pingpongLoaded"), addedP50(results, "openvpn", "pingpongLoaded")
+    met = None if mine is None or not theirs else mine <= 2 * theirs
+    out.append(
+        (
+            "the same with every CPU kept busy (issue 15)",
             "—" if met is None else f"{mine:+.0f} µs vs {theirs:+.0f} µs ({mine / theirs:.2f}×)",
             met,
         )

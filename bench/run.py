@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: python bench/run.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.measure import measure  # noqa: E402
-from bench.report import chart, latencyTable, machineInfo, render  # noqa: E402
+from bench.report import chart, latencyReport, machineInfo, render  # noqa: E402
 from bench.systems import BY_KEY, CONFIGS, path  # noqa: E402
 from bench.topology import HERE, MeasureError, Namespaces, say  # noqa: E402
 
@@ -49,6 +49,13 @@ def main(argv=None):
         action="store_true",
         help="only the latency part (ping-pong and ping), by default for kernel, ent and openvpn; "
         "quick, for development; writes nothing unless --out",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="with --latency: measure every configuration this many times, in turn, and report the "
+        "median (default 3; latency on a shared machine varies from run to run)",
     )
     parser.add_argument(
         "--out",
@@ -79,20 +86,21 @@ def main(argv=None):
     prefix = f"entb{os.getpid()}"
     namespaces = Namespaces(prefix)
     logroot = tempfile.mkdtemp(prefix="ent-bench-")
-    results = {}
+    rounds = [{} for _ in range(args.rounds if args.latency else 1)]
     say(f"ENT benchmark: {len(selected)} configurations, iperf3 {args.time} s per run (logs in {logroot})")
     interrupted = False
     try:
-        for config in selected:
-            say(f"\n== {config.label} (MTU {config.mtu})")
-            logdir = os.path.join(logroot, config.key)
-            os.makedirs(logdir)
-            try:
-                with path(config, prefix, namespaces, logdir) as (t, target, pingTarget):
-                    results[config.key] = measure(config, t, target, pingTarget, args.time, args.latency)
-            except (MeasureError, TimeoutError, subprocess.CalledProcessError) as e:
-                say(f"    FAILED: {e}")
-                results[config.key] = {"errors": [str(e)], "load": os.getloadavg()[0]}
+        for number, results in enumerate(rounds, 1):
+            for config in selected:
+                say(f"\n== {config.label} (MTU {config.mtu})" + (f", round {number}" if len(rounds) > 1 else ""))
+                logdir = os.path.join(logroot, f"{config.key}-{number}")
+                os.makedirs(logdir)
+                try:
+                    with path(config, prefix, namespaces, logdir) as (t, target, pingTarget):
+                        results[config.key] = measure(config, t, target, pingTarget, args.time, args.latency)
+                except (MeasureError, TimeoutError, subprocess.CalledProcessError) as e:
+                    say(f"    FAILED: {e}")
+                    results[config.key] = {"errors": [str(e)], "load": os.getloadavg()[0]}
     except KeyboardInterrupt:
         interrupted = True
         say("\ninterrupted: cleaned up")
@@ -106,15 +114,18 @@ def main(argv=None):
         return 130
 
     if args.latency:
-        say("\n" + "\n".join(latencyTable(results)))
+        text = latencyReport(rounds, info)
+        say("\n" + text)
         if out:
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "latency.md"), "w") as f:
-                f.write(f"Run {info['date']}\n\n" + "\n".join(latencyTable(results)) + "\n")
-        failed = any(v.get("errors") for v in results.values())
+                f.write(text + "\n")
+            say(f"wrote {os.path.join(out, 'latency.md')}")
+        failed = any(v.get("errors") for results in rounds for v in results.values())
         if not failed:
             shutil.rmtree(logroot, ignore_errors=True)
         return 1 if failed or left else 0
+    results = rounds[0]
     report = render(results, info, args.time, "results.png")
     say("\n" + report)
     if out:

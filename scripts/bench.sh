@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up this machine for ENT, add what the benchmark needs (OpenVPN, strace, iperf3,
 # socat from Debian; matplotlib from PyPI), then run the benchmark in
-# network namespaces. Writes bench/results.md and bench/results.png, and
+# network namespaces. Writes bench/results.md and bench/results.png, bench/latency.md, and
 # bench/scale.md (one gateway with many agents), bench/rootless.md and
 # bench/userstacks.md (the rootless agent, user-space stacks).
 set -euo pipefail
@@ -12,6 +12,9 @@ if ! .venv/bin/python -c "import matplotlib" 2>/dev/null; then
     .venv/bin/pip install -q -e '.[test,bench]'
 fi
 .venv/bin/python -m bench.run "$@"
+# Latency once more, five rounds of kernel, ENT and OpenVPN in turn: one
+# run's figures move with whatever else the machine does (bench/latency.md).
+.venv/bin/python -m bench.run --latency --rounds 5 --out bench
 # The rootless agent (--stack user) beside the TUN agent at 0, 5 and 20 ms of
 # added round trip, and libslirp against pasta (bench/rootless.md,
 # bench/userstacks.md).

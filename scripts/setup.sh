@@ -21,8 +21,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The virtual environment is built on the distribution's Python, which Debian
+# compiles with profile-guided and link-time optimisation: every packet costs
+# each ENT process a pass through the interpreter, and a plain build (as
+# pyenv makes by default) needs about a third more CPU for it (README,
+# "Latency"). ENT_PYTHON names another interpreter.
+python=${ENT_PYTHON:-/usr/bin/python3}
+if [ -x .venv/bin/python ] && ! grep -qx "executable = $(readlink -f "$python")" .venv/pyvenv.cfg; then
+    echo "setup: .venv was built on another Python; rebuilding it on $python"
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+    "$python" -m venv .venv
 fi
 if ! .venv/bin/python -c "import ent, twisted, pyroute2, hypothesis" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.ent-installed ]; then

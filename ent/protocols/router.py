@@ -140,6 +140,7 @@ class Router:
         self.peerRoutes = tuple(peerRoutes)
         self.legs = {"agent": {}, "peer": {}}
         self._sole = {"agent": None, "peer": None}
+        self._relayTo = {}
         self.owners = {}
         # Configured prefixes: (version, network, mask, leg), longest first.
         self.prefixes = []
@@ -269,6 +270,9 @@ class Router:
         relaying = self._sole["agent"] is not None and self._sole["peer"] is not None
         for leg in self.legs["peer"]:
             leg.decoder.trackPairs = not relaying
+        # One agent, one peer: each one's frames go to the other (forward).
+        agent, peer = self._sole["agent"], self._sole["peer"]
+        self._relayTo = {agent: peer, peer: agent} if relaying else {}
 
     def closeAll(self):
         """
@@ -422,8 +426,8 @@ class Router:
             # Read before its close took effect: it goes nowhere.
             self.drops.count("source_not_owned", count, leg=source.side)
             return
-        sole = self._sole
-        if sole["agent"] is not None and sole["peer"] is not None:
+        target = self._relayTo.get(source)
+        if target is not None:
             # One agent, one peer: everything from the peer is the agent's,
             # whatever its addresses (as ENG relays), and everything from
             # the agent is the peer's if it comes from addresses it owns.
@@ -432,7 +436,7 @@ class Router:
                 or (pair is not None and pair[: len(pair) // 2] in source.owned)
                 or (pair is None and self._ownedSources(source, frames))
             ):
-                self._send(source, sole[OTHER[source.side]], [frames], len(frames), count)
+                self._send(source, target, [frames], len(frames), count)
                 return
         elif pair is not None and self._forwardAlike(source, frames, count, pair):
             return
@@ -572,7 +576,11 @@ class Router:
         if target is None:
             return
         if not source.refused:
-            target.gate.willSend(source)
+            gate = target.gate
+            if gate.full:
+                gate.willSend(source)
+            else:
+                gate.senders.add(source)
         stats = target.legStats
         stats.packetsSent += count
         stats.bytesSent += size

@@ -51,6 +51,8 @@ def writeThrough(transport, buffers):
     try:
         if len(buffers) == 1:
             sent = sock.send(buffers[0])
+            if sent == len(buffers[0]):
+                return
         else:
             sent = sock.sendmsg(buffers)
     except OSError:

@@ -6,6 +6,7 @@ The services' builders (L{ent.services.app}, L{ent.services.socketrelay})
 wrap what they build with L{guarded}.
 """
 
+import gc
 import os
 
 from twisted.application.service import MultiService
@@ -126,6 +127,10 @@ class StartupGuard(MultiService):
     def startService(self):
         self._guarded(MultiService.startService)
         self.report.started()
+        # What exists once the service runs lives as long as the process:
+        # out of the collector's way, a full collection no longer walks it
+        # (a pause that would land on some packet's round trip).
+        gc.freeze()
 
 
 def _built(name, build):

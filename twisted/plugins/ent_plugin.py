@@ -1,14 +1,35 @@
 """
-twistd plugins of ENT: C{twistd enta} and C{twistd entg}.
+twistd plugins of ENT: C{twistd enta} and C{twistd entg}, and ENT's reactor
+(C{twistd --reactor ent-epoll}, the default for ENT's services).
 
 This is the only place that touches the global reactor.
 """
 
+import sys
+
+from twisted.application.reactors import Reactor
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ent.services.options import EntaOptions, EntgOptions
+
+entEpoll = Reactor(
+    "ent-epoll", "ent.eventloop", "epoll reactor with a shorter path to each read (default for ENT's services)"
+)
+
+
+def _globalReactor():
+    """
+    The global reactor: ENT's own unless C{--reactor} chose another.
+    """
+    if "twisted.internet.reactor" not in sys.modules:
+        from ent.eventloop import install
+
+        install()
+    from twisted.internet import reactor
+
+    return reactor
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -20,11 +41,9 @@ class _EntServiceMaker:
         self._build = build
 
     def makeService(self, options):
-        from twisted.internet import reactor
-
         from ent.services import app
 
-        return getattr(app, self._build)(options, reactor)
+        return getattr(app, self._build)(options, _globalReactor())
 
 
 enta = _EntServiceMaker(
@@ -43,10 +62,9 @@ from ent.services.socketrelay import RelayOptions  # noqa: E402
 @implementer(IServiceMaker, IPlugin)
 class _DottedServiceMaker(_EntServiceMaker):
     def makeService(self, options):
-        from twisted.internet import reactor
         from twisted.python.reflect import namedAny
 
-        return namedAny(self._build)(options, reactor)
+        return namedAny(self._build)(options, _globalReactor())
 
 
 entRelay = _DottedServiceMaker(
