@@ -20,6 +20,13 @@ class ConfigurationError(EntError):
     """
 
 
+class PolicyError(ConfigurationError):
+    """
+    A C{--policy} file is unreadable or wrong; the message starts with
+    C{FILE:LINE:}.
+    """
+
+
 class StartupError(EntError):
     """
     The service could not set up what it needs (TUN, netfilter, routes).

@@ -18,12 +18,14 @@ import errno
 import fcntl
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cffi import FFI
 
 from ent.errors import ConfigurationError, RatsTlsClosed, RatsTlsError, RatsTlsLibraryError
+from ent.legs.evidence import EVIDENCE_TYPES, SGX_FLAGS_DEBUG, Evidence
 from ent.legs.ratsplugins import (
     DEFAULT_LIBRARY,
     LIBRARY_ENV,
@@ -134,6 +136,75 @@ typedef struct {
     rats_tls_quote_sgx_ecdsa_t quote_sgx_ecdsa;
 } rats_tls_conf_v2025_t;
 
+/* What the verification callback gets (rtls_evidence_t of api.h); the
+   2025 layout adds the custom claims after type, and a csv union member. */
+typedef struct {
+    void *public_key;
+    int user_data_size;
+    char *user_data;
+    int unhashed_size;
+    char *unhashed;
+} ehd_t;
+
+typedef struct {
+    uint8_t *mr_enclave;
+    uint8_t *mr_signer;
+    uint32_t product_id;
+    uint32_t security_version;
+    uint8_t *attributes;
+    size_t collateral_size;
+    char *collateral;
+} rtls_sgx_evidence_t;
+
+typedef struct {
+    uint8_t *mrseam;
+    uint8_t *mrseamsigner;
+    uint8_t *tcb_svns;
+    uint8_t *cpu_svn;
+    uint8_t *mrtd;
+    uint8_t *rtmr;
+    uint8_t *tdel_info;
+    uint32_t tdel_info_sz;
+    uint8_t *tdel_data;
+    uint32_t tdel_data_sz;
+} rtls_tdx_evidence_t;
+
+typedef struct {
+    uint8_t *vm_id;
+    uint32_t vm_id_sz;
+    uint8_t *vm_version;
+    uint32_t vm_version_sz;
+    uint8_t *measure;
+    uint32_t measure_sz;
+    uint8_t *policy;
+    uint32_t policy_sz;
+} rtls_csv_evidence_t;
+
+typedef struct {
+    int type;
+    ehd_t ehd;
+    int quote_size;
+    char *quote;
+    union {
+        rtls_sgx_evidence_t sgx;
+        rtls_tdx_evidence_t tdx;
+    };
+} rtls_evidence_v2022_t;
+
+typedef struct {
+    int type;
+    claim_t *custom_claims;
+    size_t custom_claims_length;
+    ehd_t ehd;
+    int quote_size;
+    char *quote;
+    union {
+        rtls_sgx_evidence_t sgx;
+        rtls_tdx_evidence_t tdx;
+        rtls_csv_evidence_t csv;
+    };
+} rtls_evidence_v2025_t;
+
 /* The conf pointer's type depends on the layout: see CONF_TYPES. */
 int rats_tls_init(const void *conf, rats_tls_handle *handle);
 int rats_tls_set_verification_callback(rats_tls_handle *handle, rats_tls_callback_t cb);
@@ -153,6 +224,29 @@ ffi = FFI()
 ffi.cdef(_CDEF)
 
 CONF_TYPES = {LAYOUT_V2022: "rats_tls_conf_v2022_t", LAYOUT_V2025: "rats_tls_conf_v2025_t"}
+EVIDENCE_CTYPES = {LAYOUT_V2022: "rtls_evidence_v2022_t *", LAYOUT_V2025: "rtls_evidence_v2025_t *"}
+
+#: rtls_evidence_t.type of SGX ECDSA evidence, the only type whose union
+#: the libraries fill (and the only one v2022 sets at all).
+EVIDENCE_SGX_ECDSA = 1
+_SGX_MEASUREMENT_SIZE = 32
+_SGX_ATTRIBUTES_SIZE = 16
+# sgx_quote3_t (sgx_quote_3.h): a 48-byte header, then the report body with
+# attributes at 48, mr_enclave at 64, mr_signer at 128; sizeof is 436.
+_SGX_QUOTE3_SIZE = 436
+_SGX_ATTRIBUTES_AT = 48 + 48
+_SGX_MRENCLAVE_AT = 48 + 64
+_SGX_MRSIGNER_AT = 48 + 128
+
+#: Bounds of the custom claims a conf may carry (ours, to keep certificates
+#: small) ...
+MAX_CONF_CLAIMS = 32
+MAX_CONF_CLAIM_NAME = 64
+MAX_CONF_CLAIM_VALUE = 1024
+#: ... and of what a peer's evidence may bring before it is rejected.
+MAX_PEER_CLAIMS = 64
+MAX_PEER_CLAIM_NAME = 255
+MAX_PEER_CLAIM_VALUE = 4096
 
 _DETAILS = {
     ERR_UNKNOWN: "unknown error",
@@ -268,6 +362,9 @@ class RatsTlsConfig:
     server: bool = False
     log_level: int | None = None
     cert_algo: int = CERT_ALGO_ECC_256_SHA256
+    #: rats-tls custom claims, C{(name: str, value: bytes)} pairs, that the
+    #: attester binds into its evidence (2025 library only).
+    claims: tuple = ()
 
     @property
     def flags(self):
@@ -293,9 +390,29 @@ class RatsTlsLibrary:
 
     def make_conf(self, config):
         """
-        A C{rats_tls_conf_t} in this library's layout for C{config}.
+        A C{rats_tls_conf_t} in this library's layout for C{config}.  The
+        claims it points at live as long as the returned object (the library
+        copies them in C{rats_tls_init}).
         """
+        claims = _checkClaims(config.claims)
+        if claims and self.layout != LAYOUT_V2025:
+            raise ConfigurationError(
+                f"custom claims (--claim) need the 2025 rats-tls library; {self.path} is the 2022 one"
+            )
         conf = ffi.new(self.conf_type + " *")
+        if claims:
+            array = ffi.new("claim_t[]", len(claims))
+            keep = [array]
+            for i, (name, value) in enumerate(claims):
+                cname = ffi.new("char[]", name)
+                cvalue = ffi.new("uint8_t[]", value or b"\0")
+                keep += [cname, cvalue]
+                array[i].name = cname
+                array[i].value = cvalue
+                array[i].value_size = len(value)
+            conf.custom_claims = array
+            conf.custom_claims_length = len(claims)
+            _conf_keepalive[conf] = keep
         conf.api_version = API_VERSION
         conf.flags = config.flags
         log_level = _default_log_level() if config.log_level is None else config.log_level
@@ -321,6 +438,138 @@ class RatsTlsLibrary:
         A new L{RatsTlsSession}; see there.
         """
         return RatsTlsSession(self, config, verify)
+
+    def parse_evidence(self, pointer):
+        """
+        The L{Evidence} behind the C{rtls_evidence_t *} that this library
+        passes to a verification callback.  Pure parsing: it runs in the
+        handshake thread.
+
+        @raise ValueError: if the evidence is malformed or over our bounds
+            (the handshake is then rejected).
+        """
+        if pointer == ffi.NULL:
+            raise ValueError("the library passed no evidence")
+        ev = ffi.cast(EVIDENCE_CTYPES[self.layout], pointer)
+        if self.layout == LAYOUT_V2022:
+            # v2022 leaves the struct uninitialised unless it is SGX ECDSA:
+            # a stray 1 in garbage must not be read as measurements.
+            kind = "sgx_ecdsa" if ev.type == EVIDENCE_SGX_ECDSA and _sgxPointsIntoQuote(ev) else "none"
+            claims = ()
+        else:
+            kind = EVIDENCE_TYPES.get(ev.type, "none")
+            claims = _peerClaims(ev.custom_claims, ev.custom_claims_length)
+        if kind != "sgx_ecdsa":
+            return Evidence(kind=kind, claims=claims)
+        if not _sgxPointsIntoQuote(ev):
+            raise ValueError("SGX ECDSA evidence whose fields do not point into its quote")
+        sgx = ev.sgx
+        flags = int.from_bytes(ffi.buffer(sgx.attributes, _SGX_ATTRIBUTES_SIZE)[:8], "little")
+        return Evidence(
+            kind=kind,
+            mrenclave=ffi.buffer(sgx.mr_enclave, _SGX_MEASUREMENT_SIZE)[:],
+            mrsigner=ffi.buffer(sgx.mr_signer, _SGX_MEASUREMENT_SIZE)[:],
+            isvprodid=int(sgx.product_id),
+            isvsvn=int(sgx.security_version),
+            debug=bool(flags & SGX_FLAGS_DEBUG),
+            claims=claims,
+        )
+
+
+def _sgxPointsIntoQuote(ev):
+    """
+    Whether C{ev}'s SGX fields point where both libraries set them: into the
+    report body of the C{sgx_quote3_t} at C{ev.quote}, of C{quote_size}
+    436.  Only compares addresses: safe on garbage.
+    """
+    if ev.quote == ffi.NULL or ev.quote_size != _SGX_QUOTE3_SIZE:
+        return False
+    base = int(ffi.cast("uintptr_t", ev.quote))
+    sgx = ev.sgx
+    return all(
+        int(ffi.cast("uintptr_t", pointer)) == base + offset
+        for pointer, offset in (
+            (sgx.mr_enclave, _SGX_MRENCLAVE_AT),
+            (sgx.mr_signer, _SGX_MRSIGNER_AT),
+            (sgx.attributes, _SGX_ATTRIBUTES_AT),
+        )
+    )
+
+
+#: conf -> the claim buffers it points at (see L{RatsTlsLibrary.make_conf}).
+_conf_keepalive = weakref.WeakKeyDictionary()
+
+
+def _checkClaims(claims):
+    """
+    C{claims} as C{(name bytes, value bytes)} pairs, within our bounds.
+
+    @raise ConfigurationError: if they are not.
+    """
+    claims = tuple(claims or ())
+    if len(claims) > MAX_CONF_CLAIMS:
+        raise ConfigurationError(f"at most {MAX_CONF_CLAIMS} rats-tls custom claims, not {len(claims)}")
+    checked = []
+    for claim in claims:
+        try:
+            name, value = claim
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"a rats-tls custom claim is a (name, value) pair, not {claim!r}") from None
+        if not isinstance(name, str):
+            raise ConfigurationError(f"rats-tls claim name {name!r} is not a string")
+        try:
+            raw = name.encode("ascii")
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"rats-tls claim name {name!r} is not ASCII") from None
+        if not raw or len(raw) > MAX_CONF_CLAIM_NAME or b"\0" in raw:
+            raise ConfigurationError(
+                f"rats-tls claim name {name!r} must be 1 to {MAX_CONF_CLAIM_NAME} bytes without NUL"
+            )
+        if isinstance(value, str):
+            raise ConfigurationError(f"rats-tls claim {name!r}: the value must be bytes, not str")
+        try:
+            value = bytes(value)
+        except TypeError:
+            raise ConfigurationError(f"rats-tls claim {name!r}: the value must be bytes, not {value!r}") from None
+        if len(value) > MAX_CONF_CLAIM_VALUE:
+            raise ConfigurationError(
+                f"rats-tls claim {name!r}: the value is {len(value)} bytes (at most {MAX_CONF_CLAIM_VALUE})"
+            )
+        checked.append((raw, value))
+    return checked
+
+
+def _peerClaims(array, length):
+    """
+    The sorted C{(name, value)} pairs of a peer's C{claim_t} list.
+
+    @raise ValueError: if it is malformed or over our bounds.
+    """
+    if length == 0:
+        return ()
+    if length > MAX_PEER_CLAIMS:
+        raise ValueError(f"the peer sent {length} custom claims (at most {MAX_PEER_CLAIMS})")
+    if array == ffi.NULL:
+        raise ValueError(f"{length} custom claims at NULL")
+    claims = []
+    for i in range(length):
+        claim = array[i]
+        if claim.name == ffi.NULL:
+            raise ValueError("a custom claim without a name")
+        raw = ffi.string(claim.name, MAX_PEER_CLAIM_NAME + 1)
+        if len(raw) > MAX_PEER_CLAIM_NAME:
+            raise ValueError(f"a custom claim name is longer than {MAX_PEER_CLAIM_NAME} bytes")
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"custom claim name {raw!r} is not UTF-8") from None
+        size = claim.value_size
+        if size > MAX_PEER_CLAIM_VALUE:
+            raise ValueError(f"custom claim {name!r} is {size} bytes (at most {MAX_PEER_CLAIM_VALUE})")
+        if size and claim.value == ffi.NULL:
+            raise ValueError(f"custom claim {name!r}: {size} bytes at NULL")
+        claims.append((name, ffi.buffer(claim.value, size)[:] if size else b""))
+    return tuple(sorted(claims))
 
 
 class RatsTlsSession:
@@ -350,11 +599,18 @@ class RatsTlsSession:
     concurrent_entries = 0
     _count_lock = threading.Lock()
 
-    def __init__(self, library: RatsTlsLibrary, config: RatsTlsConfig, verify: Callable[[object], bool] | None = None):
+    #: The peer's L{Evidence} as the last verification callback saw it, or
+    #: C{None} while none has run (e.g. a server without C{mutual}).
+    evidence = None
+
+    def __init__(
+        self, library: RatsTlsLibrary, config: RatsTlsConfig, verify: Callable[[Evidence], bool] | None = None
+    ):
         """
-        @param verify: called during the handshake with the library's
-            evidence pointer (a cffi C{void *}; its layout depends on the
-            library); a false result or an exception rejects the peer.
+        @param verify: called during the handshake, in the handshake thread,
+            with the peer's L{Evidence} (already accepted by the library's
+            verifier plugin); a false result or an exception rejects the
+            peer.  Without it every evidence the plugin accepted is.
         """
         self._lib = library.lib
         self.library = library
@@ -382,11 +638,15 @@ class RatsTlsSession:
             raise RatsTlsError("init", rc, _detail(rc))
         self._handle_ptr = handle_ptr
         self._handle = handle_ptr[0]
-        if verify is not None:
-            self._set_verify(verify)
+        self._set_verify(verify)
 
     def _set_verify(self, verify):
-        def call(evidence):
+        # Always set: the callback is where the evidence is read.  It runs in
+        # the handshake thread, so it only parses and calls verify.
+        def call(pointer):
+            self.evidence = evidence = self.library.parse_evidence(pointer)
+            if verify is None:
+                return 1
             return 1 if verify(evidence) else 0
 
         def onerror(exc_type, exc_value, tb):

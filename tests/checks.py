@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 from ent.observability.status import Scrape
+from ent.testing.topology import twistdCommand
 
 
 def tempDir(testCase, prefix):
@@ -76,3 +77,38 @@ def statusIn(topology, host, port=METRICS_PORT):
     """
     result = topology.exec(host, sys.executable, "-m", "ent", "status", "--metrics", f"127.0.0.1:{port}", timeout=30)
     return result.returncode, result.stdout + result.stderr
+
+
+def twistdWithEnv(topology, host, env, plugin, *args, name=None):
+    """
+    Start C{twistd plugin args} in C{host} as L{Topology.twistd} does, with
+    C{env} (a dict) added to that one process's environment, e.g. the
+    ENT_SIM_* values the ent_sim attester reads.
+    """
+    return topology.start(
+        host,
+        "env",
+        *(f"{key}={value}" for key, value in env.items()),
+        *twistdCommand(),
+        "-n",
+        "--pidfile=",
+        plugin,
+        *args,
+        name=name or f"{host}-{plugin}",
+    )
+
+
+def established(topology, host, port):
+    """
+    The established TCP connections in C{host} whose local port is
+    C{port}, as a set of C{(local, peer)} "ADDR:PORT" pairs.
+    """
+    result = topology.exec(host, "ss", "-tnH", "state", "established", f"( sport = :{port} )", timeout=30)
+    if result.returncode != 0:
+        raise AssertionError(f"ss failed in {host}: {result.stderr}")
+    pairs = set()
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            pairs.add((fields[2], fields[3]))
+    return pairs

@@ -74,6 +74,16 @@ MOCK_ONLY = (
     else None
 )
 
+#: C{skip} for tests that need a real librats_tls (its plugins, e.g. the
+#: ent_sim attester and verifier of tests/ratstls_sim); they run in the
+#: real-library runs of scripts/test.sh.
+REAL_ONLY = (
+    None
+    if REAL_LIBRARY
+    else f"real-library only: needs a real librats_tls with the ent_sim plugins (set {TEST_LIBRARY_ENV};"
+    " scripts/test.sh does)"
+)
+
 
 def library_path_under_test():
     """

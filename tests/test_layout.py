@@ -27,7 +27,7 @@ LAYERS = (
     ("protocols", ("ent/protocols/",), ("basics", "legs", "observability")),
     (
         "service support",
-        ("ent/services/__init__.py", "ent/services/options.py", "ent/services/startup.py"),
+        ("ent/services/__init__.py", "ent/services/options.py", "ent/services/reload.py", "ent/services/startup.py"),
         ("basics", "legs", "observability", "hostconfig", "capture", "protocols"),
     ),
     (

@@ -69,6 +69,7 @@ class DropReasonTests(unittest.TestCase):
         "otherSideNotConnected",
         "routingOnTheGateway",
         "unlistedIdentityOnTheGateway",
+        "policyGrantsOnTheGateway",
         "badPacketsOnTheAgent",
         "tunSideDropsOnTheAgent",
         "connectionLimitOnTheRelay",
@@ -170,6 +171,37 @@ class DropReasonTests(unittest.TestCase):
         hub = Router(stats, clock, allowedIps={"client": [ipaddress.ip_network("192.168.0.0/24")]})
         RelayLeg(hub, "agent").makeConnection(FakeIdentityTransport(["stranger"]))
         return stats, {("agent", "identity_not_allowed"): 1}
+
+    def policyGrantsOnTheGateway(self):
+        from twisted.internet.address import IPv4Address
+
+        from ent.legs.policy import parsePolicy
+        from ent.protocols.admission import Admission
+        from tests.test_admission import ipv4 as addressed
+
+        clock = Clock()
+        stats = ServiceStats("entg", clock)
+        policy = parsePolicy(
+            """
+            [[identity]]
+            name = "client"
+            role = "agent"
+            from = ["10.1.0.1/32"]
+            services = ["192.168.0.254:80/tcp"]
+            [[identity]]
+            name = "gw2"
+            role = "peer"
+            from = ["10.2.0.2/32"]
+            addresses = ["192.168.0.254/32"]
+            """
+        )
+        hub = Router(stats, clock, admission=Admission(policy, clock, stats.legRefused))
+        agent, peer = RelayLeg(hub, "agent"), RelayLeg(hub, "peer")
+        agent.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.1.0.1", 1)))
+        peer.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.2.0.2", 1)))
+        agent.dataReceived(frame(addressed("192.168.0.1", "192.168.0.254", 6, 7)))
+        peer.dataReceived(frame(addressed("192.168.0.9", "192.168.0.1")))
+        return stats, {("agent", "service_not_allowed"): 1, ("peer", "source_not_allowed"): 1}
 
     def badPacketsOnTheAgent(self):
         agent = self.agent()

@@ -363,3 +363,69 @@ class SecurityOptionsTests(unittest.TestCase):
         self.assertIn("is not one of", str(e))
         e = self.assertRaises(usage.UsageError, entg, "--enta-rats-tls", "--attester", "x" * 40)
         self.assertIn("not a plugin name", str(e))
+
+
+class PolicyOptionsTests(unittest.TestCase):
+    """
+    --policy is read when the options are, so a wrong key is refused with
+    its file and line before anything starts; --claim and --reattest.
+    """
+
+    def policyFile(self, text):
+        from tests.checks import tempDir
+
+        path = os.path.join(tempDir(self, "ent-options-"), "policy.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_policyIsLoaded(self):
+        path = self.policyFile('[[identity]]\nname = "a"\nrole = "agent"\nfrom = ["10.1.0.1/32"]\n')
+        for parse in (entg, lambda *a: enta("--dport", "7", *a)):
+            o = parse("--policy", path)
+            self.assertEqual([i.name for i in o["policy-rules"].identities], ["a"])
+        self.assertIsNone(entg()["policy-rules"])
+
+    def test_wrongKeyNamesFileAndLine(self):
+        path = self.policyFile('[[identity]]\nname = "a"\nrole = "agent"\nfrom = ["10.1.0.1/32"]\nadresses = []\n')
+        e = self.assertRaises(usage.UsageError, entg, "--policy", path)
+        self.assertIn(f"{path}:5:", str(e))
+        self.assertIn("adresses", str(e))
+
+    def test_missingFile(self):
+        e = self.assertRaises(usage.UsageError, entg, "--policy", "/nonexistent/policy.toml")
+        self.assertIn("/nonexistent/policy.toml", str(e))
+
+    def test_allowedIpsAndPolicyExcludeEachOther(self):
+        path = self.policyFile("")
+        e = self.assertRaises(usage.UsageError, entg, "--policy", path, "--allowed-ips", "a=10.0.0.0/8")
+        self.assertIn("--allowed-ips and --policy exclude each other", str(e))
+
+    def test_policyMakesTheAcceptingSideVerify(self):
+        """
+        librats_tls checks a connecting side only when asked for mutual:
+        with a policy, the accepting side always is.
+        """
+        path = self.policyFile("")
+        self.assertFalse(entg("--enta-rats-tls")["enta-security"].ratsTls.mutual)
+        self.assertTrue(entg("--enta-rats-tls", "--policy", path)["enta-security"].ratsTls.mutual)
+
+    def test_claims(self):
+        o = enta("--dport", "7", "--entg-rats-tls", "--claim", "app=billing", "--claim", "tier=gold")
+        self.assertEqual(o["entg-security"].ratsTls.claims, (("app", b"billing"), ("tier", b"gold")))
+        for argv, message in (
+            (["--claim", "app"], "give NAME=VALUE"),
+            (["--claim", "a pp=x"], "give NAME=VALUE"),
+            (["--claim", "a=1", "--claim", "a=2"], "names a twice"),
+            (["--claim", "a=" + "x" * 2000], "longer than"),
+        ):
+            e = self.assertRaises(usage.UsageError, enta, "--dport", "7", *argv)
+            self.assertIn(message, str(e))
+
+    def test_reattest(self):
+        self.assertEqual(entg()["reattest"], 3600)
+        self.assertEqual(entg("--reattest", "0")["reattest"], 0)
+        e = self.assertRaises(usage.UsageError, entg, "--reattest", "-5")
+        self.assertIn("--reattest", str(e))
+        e = self.assertRaises(usage.UsageError, entg, "--reattest", "soon")
+        self.assertIn("--reattest", str(e))

@@ -235,6 +235,14 @@ class RatsTlsTransport(abstract.FileDescriptor):
         self.socket.close()
         self.protocol.connectionLost(reason)
 
+    def getPeerEvidence(self):
+        """
+        What the peer's evidence showed in the handshake
+        (L{ent.legs.evidence.Evidence}), or C{None} if the library passed
+        none to the verification callback.
+        """
+        return getattr(self.session, "evidence", None)
+
     def getPeer(self):
         return self._peer
 

@@ -27,6 +27,7 @@ class RatsTlsChoice:
     mutual: bool
     logLevel: int
     server: bool
+    claims: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def ratsTlsSettings(choice):
         mutual=choice.mutual,
         server=choice.server,
         log_level=choice.logLevel,
+        claims=choice.claims,
     )
     return RatsTlsSettings(_libraries[path], config)
 

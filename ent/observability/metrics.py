@@ -69,6 +69,20 @@ class StatsCollector:
         for (leg, kind), n in sorted(stats.handshakeFailures.items()):
             failures.add_metric([leg, kind], n)
         yield failures
+        refused = CounterMetricFamily(
+            "ent_legs_refused",
+            "Legs refused by the --policy (reason policy) or closed after a reload (policy_reload), by leg.",
+            labels=["leg", "reason"],
+        )
+        for (leg, reason), n in sorted(stats.refusals.items()):
+            refused.add_metric([leg, reason], n)
+        yield refused
+        reattested = CounterMetricFamily(
+            "ent_reattestations", "rats-tls legs closed for a new handshake (--reattest), by leg.", labels=["leg"]
+        )
+        for leg, n in sorted(stats.reattestations.items()):
+            reattested.add_metric([leg], n)
+        yield reattested
         if stats.tun is not None:
             yield from self._tun(stats.tun)
         if stats.relay is not None:

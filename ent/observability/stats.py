@@ -37,6 +37,8 @@ DROP_REASONS = {
     "peer_to_peer": "from one peer gateway to another",
     "address_in_use": "connection refused: its address or prefix belongs to a live leg",
     "identity_not_allowed": "connection refused: its certificate names no --allowed-ips entry",
+    "service_not_allowed": "to a destination the agent's policy identity may not reach (services)",
+    "source_not_allowed": "a peer gateway sent from outside the addresses of its policy identity",
     "udp_fragment": "fragmented UDP datagram (the user-space stack does not reassemble)",
     "udp_malformed": "UDP datagram with a bad length, port 0 or a bad checksum",
     "udp_unreachable": "UDP datagram for no exposed port or open flow of the user-space stack",
@@ -171,6 +173,10 @@ class ServiceStats:
         self.drops = DropReporter(clock, service)
         self.legs = {}
         self.handshakeFailures = Counter()
+        # Legs refused or closed by the policy, by (leg, reason); legs
+        # closed for a new rats-tls handshake, by leg.
+        self.refusals = Counter()
+        self.reattestations = Counter()
         # The agent's TUN counters, the relay's connection counters, the
         # gateway's router (its legs, for status).
         self.tun = None
@@ -193,3 +199,9 @@ class ServiceStats:
 
     def handshakeFailed(self, leg, kind):
         self.handshakeFailures[(leg, kind)] += 1
+
+    def legRefused(self, leg, reason):
+        self.refusals[(leg, reason)] += 1
+
+    def reattested(self, leg):
+        self.reattestations[leg] += 1

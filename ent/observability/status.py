@@ -110,6 +110,7 @@ def legLines(legs):
             f"  up {duration(leg['up'])}{', paused' if leg['paused'] else ''}; "
             f"in {count(leg['packetsReceived'], 'packet')} ({size(leg['bytesReceived'])}), "
             f"out {count(leg['packetsSent'], 'packet')} ({size(leg['bytesSent'])})"
+            + (f"; evidence {leg['evidence']}" if leg.get("evidence", "-") != "-" else "")
         )
     if len(legs) > MAX_LEGS_SHOWN:
         lines.append(f"  {'':<18}… and {len(legs) - MAX_LEGS_SHOWN:,} more")

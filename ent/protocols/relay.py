@@ -10,6 +10,8 @@ from twisted.internet.interfaces import ISystemHandle
 from twisted.internet.protocol import Factory
 
 from ent.legs.identity import peerIdentities
+from ent.legs.policy import Refusal
+from ent.protocols.admission import describeEvidence, legFacts
 from ent.protocols.framed import FramedLeg
 
 # A leg whose peer vanished without a close (host down, path cut) holds its
@@ -45,8 +47,18 @@ class RelayLeg(FramedLeg):
 
     relay = True
     refused = False
+    # The policy's identity this leg was admitted as (None without a
+    # policy), and what it was admitted on.
+    identity = None
+    facts = None
+    reattestation = None
+    reattesting = False
+    # From the identity: whom it may reach (an Identity with services), and
+    # for a peer the prefixes its frames must come from; None: no limit.
+    services = None
+    sourcePrefixes = None
 
-    def __init__(self, hub, side, routes=()):
+    def __init__(self, hub, side, routes=(), connecting=False, retry=None):
         self.side = side
         self.leg = side
         FramedLeg.__init__(self, hub.stats, hub.clock)
@@ -55,6 +67,10 @@ class RelayLeg(FramedLeg):
         self.hub = hub
         # The prefixes this leg's --entg-connect routes to it, if any.
         self.routes = tuple(routes)
+        # Whether this gateway connected the leg (a peer of --entg-connect).
+        self.connecting = connecting
+        # Its ClientService's retry policy (L{ent.protocols.reattest.QuickRetry}).
+        self.retry = retry
         self.gate = None
         self.holds = set()
         self.owned = set()
@@ -69,6 +85,8 @@ class RelayLeg(FramedLeg):
         self.packetsSent = self.bytesSent = 0
 
     def identityText(self):
+        if self.identity is not None:
+            return self.identity.name
         return ", ".join(self.identities) if self.identities else "-"
 
     def identityShort(self):
@@ -80,12 +98,28 @@ class RelayLeg(FramedLeg):
         return self.identityText()
 
     def identitySuffix(self):
-        return f" ({self.identityText()})" if self.identities else ""
+        return f" ({self.identityText()})" if self.identities or self.identity is not None else ""
+
+    def evidenceText(self):
+        return describeEvidence(self.facts)
 
     def legUp(self):
         keepAlive(self.transport)
         self.since = self.clock.seconds()
         self.identities = peerIdentities(self.transport)
+        self.facts = legFacts(self.transport, self.side)
+        admission = self.hub.admission
+        if admission is not None and admission.active:
+            result = admission.admit(self.facts, self.side, self.peerName())
+            if isinstance(result, Refusal):
+                # Never attached: it routes nothing and owns nothing.
+                self.refused = True
+                self.pauseProducing()
+                self.transport.abortConnection()
+                return
+            self.identity = result
+        if self.hub.reattest is not None:
+            self.reattestation = self.hub.reattest.watch(self)
         self.hub.attach(self)
 
     def framedDataReceived(self, frames, count):
@@ -94,16 +128,21 @@ class RelayLeg(FramedLeg):
         self.hub.forward(self, frames, count, self.decoder.pair)
 
     def legDown(self, reason):
+        if self.reattestation is not None:
+            self.reattestation.cancel()
+            self.reattestation = None
         self.hub.detach(self, reason)
 
 
 class RelayLegFactory(Factory):
     noisy = False
 
-    def __init__(self, hub, side, routes=()):
+    def __init__(self, hub, side, routes=(), connecting=False, retry=None):
         self.hub = hub
         self.side = side
         self.routes = tuple(routes)
+        self.connecting = connecting
+        self.retry = retry
 
     def buildProtocol(self, addr):
-        return RelayLeg(self.hub, self.side, self.routes)
+        return RelayLeg(self.hub, self.side, self.routes, self.connecting, self.retry)

@@ -51,6 +51,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ent.legs.policy import allowedIpsPolicy
 from ent.observability.stats import DROP_REASONS
 from ent.protocols.framing import HEADER, HEADER_SIZE
 from ent.protocols.packets import ANNOUNCE_SIZE, isAnnouncement
@@ -72,6 +73,11 @@ ROUTE_CACHE_SIZE = 1024
 
 def addressText(packed):
     return str(ipaddress.ip_address(bytes(packed))) if packed is not None else "?"
+
+
+def _identityNote(leg):
+    evidence = leg.evidenceText()
+    return f" ({leg.identityText()}{', ' + evidence if evidence != '-' else ''})"
 
 
 @implementer(IPushProducer)
@@ -130,11 +136,24 @@ class Router:
     logInterval = 60.0
     maxLogged = 4096
 
-    def __init__(self, stats, clock, allowedIps=None, agentToAgent=False, peerRoutes=()):
+    def __init__(self, stats, clock, allowedIps=None, agentToAgent=False, peerRoutes=(), admission=None, reattest=None):
+        """
+        C{admission}: the L{ent.protocols.admission.Admission} its legs pass
+        before they are attached; C{allowedIps} (C{--allowed-ips}, name to
+        prefixes) is the same as an admission by
+        L{ent.legs.policy.allowedIpsPolicy}. C{reattest}: the
+        L{ent.protocols.reattest.Reattestation} that schedules their new
+        handshakes.
+        """
+        if allowedIps and admission is None:
+            from ent.protocols.admission import Admission
+
+            admission = Admission(allowedIpsPolicy(allowedIps), clock, stats.legRefused)
+        self.admission = admission
+        self.reattest = reattest
         self.stats = stats
         self.drops = stats.drops
         self.clock = clock
-        self.allowedIps = dict(allowedIps or {})
         self.agentToAgent = agentToAgent
         # Every prefix of every --entg-connect, its peer up or not.
         self.peerRoutes = tuple(peerRoutes)
@@ -154,8 +173,20 @@ class Router:
 
     def attach(self, leg):
         side = leg.side
-        leg.prefixes = leg.routes or self.configuredPrefixes(leg.identities)
-        if side == "agent" and self.allowedIps and leg.identities and not leg.prefixes:
+        identity = leg.identity
+        strict = self.admission is not None and self.admission.active and self.admission.policy.strict
+        leg.prefixes = leg.routes
+        if identity is not None:
+            # Admitted by the policy: its identity says what it owns.
+            leg.prefixes = leg.routes or tuple(identity.addresses or ())
+            if strict:
+                if side == "agent" and identity.services is not None:
+                    leg.services = identity
+                if side == "peer" and identity.addresses is not None:
+                    leg.sourcePrefixes = tuple(identity.addresses)
+                if side == "agent":
+                    self._replaceSameIdentity(leg)
+        elif side == "agent" and self.admission is not None and self.admission.active and leg.identities:
             # With --allowed-ips, an authenticated agent is let in by name only.
             self.log.error(
                 "{leg} {peer} ({identity}) refused: no --allowed-ips entry names it",
@@ -192,7 +223,8 @@ class Router:
             "{leg} connected from {peer}{identity}",
             leg=side,
             peer=leg.peerName(),
-            identity=f" ({leg.identityText()})" if leg.identities else "",
+            identity=_identityNote(leg) if leg.identities or identity is not None else "",
+            evidence=leg.evidenceText(),
         )
         if not others:
             self.hold(leg, ALONE)
@@ -202,6 +234,57 @@ class Router:
             for other in others:
                 self.release(other, ALONE)
         self.log.info("relaying between agent and peer gateway")
+
+    def _replaceSameIdentity(self, leg):
+        """
+        An agent of the policy's identity that connects again replaces its
+        older leg, which is presumed dead (its host lost the connection
+        without a close): the newest handshake wins, as in WireGuard.
+        """
+        name = leg.identity.name
+        for other in list(self.legs["agent"]):
+            if other.identity is not None and other.identity.name == name:
+                self.log.warn(
+                    "agent {peer} ({identity}) replaces its older leg from {old}",
+                    peer=leg.peerName(),
+                    identity=name,
+                    old=other.peerName(),
+                )
+                self.evict(other)
+
+    def evict(self, leg):
+        """
+        Close C{leg} at once, routing nothing more of it or to it.
+        """
+        if self.attached(leg):
+            self._remove(leg)
+        leg.refused = True
+        leg.transport.unregisterProducer()
+        leg.pauseProducing()
+        leg.transport.abortConnection()
+
+    def recheck(self):
+        """
+        After the policy was reloaded: close every leg that it no longer
+        admits as the identity it was admitted as; the others go on.
+        """
+        admission = self.admission
+        closed = [
+            leg
+            for legs in self.legs.values()
+            for leg in legs
+            if leg.facts is not None and not admission.stillAdmitted(leg.facts, leg.identity)
+        ]
+        for leg in closed:
+            self.log.warn(
+                "{leg} {peer} ({identity}) closed: the reloaded policy no longer admits it as it was",
+                leg=leg.side,
+                peer=leg.peerName(),
+                identity=leg.identityText(),
+            )
+            self.stats.legRefused(leg.side, "policy_reload")
+            self.evict(leg)
+        return len(closed)
 
     def _refuseAtConnect(self, leg, reason):
         self.drops.count(reason, leg=leg.side)
@@ -262,12 +345,14 @@ class Router:
     def _changed(self):
         for side, legs in self.legs.items():
             sole = next(iter(legs)) if len(legs) == 1 else None
-            # A peer with routes takes only those, even alone.
-            self._sole[side] = sole if sole is None or not sole.routes else None
+            # A peer with routes (or a policy's addresses) takes only those, even alone.
+            self._sole[side] = sole if sole is None or not (sole.routes or sole.sourcePrefixes is not None) else None
         self.generation += 1
         # One agent and one peer: the peer's frames are the agent's whatever
         # their addresses, so its decoder need not note them.
-        relaying = self._sole["agent"] is not None and self._sole["peer"] is not None
+        relaying = (
+            self._sole["agent"] is not None and self._sole["peer"] is not None and self._sole["agent"].services is None
+        )
         for leg in self.legs["peer"]:
             leg.decoder.trackPairs = not relaying
         # One agent, one peer: each one's frames go to the other (forward).
@@ -285,12 +370,6 @@ class Router:
             leg.close()
 
     # Who owns what.
-
-    def configuredPrefixes(self, identities):
-        for name in identities:
-            if name in self.allowedIps:
-                return tuple(self.allowedIps[name])
-        return ()
 
     def _prefixClash(self, leg):
         """
@@ -379,6 +458,10 @@ class Router:
             problem = self._checkAgentSource(source, src)
             if problem is not None:
                 return None, problem
+        elif source.sourcePrefixes is not None:
+            address = ipaddress.ip_address(bytes(src))
+            if not any(address in prefix for prefix in source.sourcePrefixes):
+                return None, "source_not_allowed"
         else:
             self._learnPeerSource(source, src)
         target = self.owners.get(dst)
@@ -426,6 +509,11 @@ class Router:
             # Read before its close took effect: it goes nowhere.
             self.drops.count("source_not_owned", count, leg=source.side)
             return
+        if source.services is not None:
+            frames, count = self._allowedServices(source, frames, count)
+            if not count:
+                return
+            pair = None
         target = self._relayTo.get(source)
         if target is not None:
             # One agent, one peer: everything from the peer is the agent's,
@@ -500,6 +588,50 @@ class Router:
             self._send(
                 source, target, buffers, sum(last - first for first, last, _ in pieces), sum(n for _, _, n in pieces)
             )
+
+    def _allowedServices(self, source, frames, count):
+        """
+        The frames of C{frames} that go to a service C{source}'s identity
+        may reach (TCP or UDP to a listed address and port, or an
+        announcement), and their count; the others are dropped as
+        C{service_not_allowed}.
+        """
+        allows = source.services.allowsService
+        unpack = HEADER.unpack_from
+        end = len(frames)
+        offset = 0
+        kept = []
+        while offset < end:
+            (length,) = unpack(frames, offset)
+            start = offset + HEADER_SIZE
+            following = start + length
+            first = frames[start]
+            allowed = False
+            destination = None
+            if first >> 4 == 4 and length >= 20:
+                headerLength = (first & 0x0F) * 4
+                protocol = frames[start + 9]
+                destination = frames[start + 16 : start + 20]
+                fragment = ((frames[start + 6] & 0x1F) << 8) | frames[start + 7]
+                if protocol in (6, 17) and fragment == 0 and 20 <= headerLength and headerLength + 4 <= length:
+                    at = start + headerLength + 2
+                    allowed = allows(protocol, destination, (frames[at] << 8) | frames[at + 1])
+                elif length == ANNOUNCE_SIZE and isAnnouncement(frames, start, length):
+                    allowed = True
+            elif first >> 4 == 6 and length >= 44:
+                protocol = frames[start + 6]
+                destination = frames[start + 24 : start + 40]
+                if protocol in (6, 17):
+                    at = start + 42
+                    allowed = allows(protocol, destination, (frames[at] << 8) | frames[at + 1])
+            if allowed:
+                kept.append((offset, following))
+            else:
+                self._dropped(source, "service_not_allowed", destination)
+            offset = following
+        if len(kept) == count:
+            return frames, count
+        return b"".join(bytes(frames[a:b]) for a, b in kept), len(kept)
 
     def _routeCache(self, source):
         """
@@ -649,6 +781,8 @@ class Router:
                         "side": side,
                         "peer": leg.peerName(),
                         "identity": leg.identityShort(),
+                        "kind": leg.facts.kind if leg.facts is not None else "tcp",
+                        "evidence": leg.evidenceText(),
                         "addresses": configured or learned[:8],
                         "addressCount": len(configured or learned),
                         "up": now - leg.since,

@@ -19,10 +19,13 @@ from ent.flow import Valve
 from ent.hostconfig import netfilter
 from ent.hostconfig import steps as hostconfig
 from ent.hostconfig.guard import TableGuard
+from ent.legs.policy import Refusal
 from ent.observability.stats import ServiceStats
+from ent.protocols.admission import Admission, describeEvidence, legFacts
 from ent.protocols.framed import FramedLeg
 from ent.protocols.framing import HEADER_SIZE, frame, frameSequence
 from ent.protocols.packets import announcement, wellFormed
+from ent.protocols.reattest import QuickRetry, Reattestation
 from ent.protocols.splice import DEFAULT_MAX_CONNECTIONS, SocketRelayFactory
 from ent.protocols.writethrough import writeThrough
 
@@ -33,18 +36,40 @@ class GatewayLink(FramedLeg):
     """
 
     leg = "gateway"
+    refused = False
+    reattesting = False
+    identity = None
+    reattestation = None
 
     def __init__(self, agent):
         FramedLeg.__init__(self, agent.stats, agent.reactor)
         self.agent = agent
+        self.facts = None
 
     def legUp(self):
-        self.agent.linkUp(self)
+        """
+        With a policy, the gateway must match an identity of role
+        C{gateway} before anything is carried.
+        """
+        agent = self.agent
+        self.facts = legFacts(self.transport, "gateway")
+        result = agent.admission.admit(self.facts, "gateway", self.peerName())
+        if isinstance(result, Refusal):
+            self.refused = True
+            self.pauseProducing()
+            self.transport.abortConnection()
+            return
+        self.identity = result
+        self.reattestation = agent.reattest.watch(self, connecting=True, retry=agent.retry)
+        agent.linkUp(self)
 
     def framedDataReceived(self, packets, count):
         self.agent.packetsFromLink(packets)
 
     def legDown(self, reason):
+        if self.reattestation is not None:
+            self.reattestation.cancel()
+            self.reattestation = None
         self.agent.linkDown(self, reason)
 
 
@@ -70,7 +95,7 @@ class AgentService(MultiService):
     log = Logger()
     stopping = False
 
-    def __init__(self, options, endpoint, reactor, stats=None):
+    def __init__(self, options, endpoint, reactor, stats=None, hangup=None):
         MultiService.__init__(self)
         self.options = options
         self.reactor = reactor
@@ -86,12 +111,13 @@ class AgentService(MultiService):
         # The user-space stack's exposures: Unix listeners and their relays.
         self._exposurePorts = []
         self._exposureRelays = []
-        self.client = ClientService(
-            endpoint,
-            GatewayLinkFactory(self),
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
-            clock=reactor,
-        )
+        self.admission = Admission(options.get("policy-rules"), reactor, self.stats.legRefused)
+        self.reattest = Reattestation(reactor, options.get("reattest", 0), self.stats.reattested)
+        self.hangup = hangup
+        # Back off after a failure; reconnect at once after closing the
+        # link for re-attestation.
+        self.retry = QuickRetry(backoffPolicy(initialDelay=0.5, maxDelay=10.0))
+        self.client = ClientService(endpoint, GatewayLinkFactory(self), retryPolicy=self.retry, clock=reactor)
         self.client.setServiceParent(self)
 
     # Host configuration
@@ -250,13 +276,42 @@ class AgentService(MultiService):
         self.stats.start()
         if self.guard is not None and self.options.get("metrics"):
             self.guard.startCounting()
+        if self.hangup is not None:
+            self.hangup.start(self.reloadPolicy)
         MultiService.startService(self)
+
+    def reloadPolicy(self):
+        """
+        SIGHUP: re-read the policy and close the link if the gateway no
+        longer matches it as it did; a wrong file changes nothing.
+        """
+        if not self.admission.active:
+            self.log.warn("SIGHUP: no --policy to reload")
+            return 0
+        if not self.admission.reload():
+            return 0
+        link = self.link
+        if link is None or self.admission.stillAdmitted(link.facts, link.identity):
+            return 0
+        self.log.warn(
+            "gateway {peer} ({identity}) closed: the reloaded policy no longer admits it as it was",
+            peer=link.peerName(),
+            identity=link.identity.name if link.identity is not None else "-",
+        )
+        self.stats.legRefused("gateway", "policy_reload")
+        link.refused = True
+        link.transport.unregisterProducer()
+        link.pauseProducing()
+        link.transport.abortConnection()
+        return 1
 
     def stopService(self):
         # Read no more from the TUN first: fed by a busy TUN, the link would
         # never empty its buffer, and its close would wait as long as the
         # application keeps sending.
         self.stopping = True
+        if self.hangup is not None:
+            self.hangup.stop()
         if self.tun is not None:
             self.tun.stopReading()
         if self.link is not None:
@@ -283,7 +338,13 @@ class AgentService(MultiService):
 
     def linkUp(self, link):
         self.link = link
-        self.log.info("connected to gateway {peer}", leg=link.leg, peer=link.peerName())
+        self.log.info(
+            "connected to gateway {peer}{identity}",
+            leg=link.leg,
+            peer=link.peerName(),
+            identity=f" ({link.identity.name}, {describeEvidence(link.facts)})" if link.identity is not None else "",
+            evidence=describeEvidence(link.facts),
+        )
         if self.stopping:
             return
         if self.options.get("announce"):

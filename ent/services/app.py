@@ -4,6 +4,7 @@ Build ENT's services from parsed options; the twistd plugins call these.
 
 from ent.legs.endpoints import clientEndpoint, serverEndpoint
 from ent.legs.security import secureClient, secureServer
+from ent.services.reload import ReloadOnHangup
 from ent.services.startup import _built, guarded
 
 
@@ -21,7 +22,13 @@ def makeAgentService(options, reactor):
             leg="gateway",
             stats=stats,
         )
-        return guarded("enta", AgentService(options, endpoint, reactor, stats), options, reactor)
+        agent = AgentService(options, endpoint, reactor, stats, hangup=ReloadOnHangup(reactor))
+        if options["entg-security"].kind == "rats-tls" and options.get("policy-rules") is None:
+            agent.log.warn(
+                "rats-tls leg without --policy: the gateway's evidence is checked only by the --verifier plugin, "
+                "whatever it measures (docs/security.md)"
+            )
+        return guarded("enta", agent, options, reactor)
 
     return _built("enta", build)
 
@@ -64,6 +71,8 @@ def makeGatewayService(options, reactor):
             leg="agent",
             stats=stats,
         )
+        securities = [options["enta-security"], options["entg-listen-security"]]
+        securities += [peer.security for peer in options["entg-peers"]]
         service = GatewayService(
             agentListen,
             reactor,
@@ -72,6 +81,10 @@ def makeGatewayService(options, reactor):
             stats=stats,
             allowedIps=options["allowed-ips"],
             agentToAgent=bool(options["agent-to-agent"]),
+            policy=options.get("policy-rules"),
+            reattest=options.get("reattest", 0),
+            ratsTls=any(s is not None and s.kind == "rats-tls" for s in securities),
+            hangup=ReloadOnHangup(reactor),
         )
         return guarded("entg", service, options, reactor)
 

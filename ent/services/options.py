@@ -95,6 +95,11 @@ def _checkReadable(path, what):
 # Linux's rule for interface names, and no "%", which asks for a numbered name.
 _INTERFACE_NAME = re.compile(r"[^\s/:%]{1,15}")
 _PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,31}")
+_CLAIM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_CLAIMS = 32
+MAX_CLAIM_VALUE = 1024
+# Re-attest each rats-tls leg once an hour.
+DEFAULT_REATTEST = 3600
 
 
 LOG_FORMATS = ("text", "json")
@@ -195,8 +200,58 @@ class SecurityOptions(ObservabilityOptions):
         ["tls-type", None, "openssl", "rats-tls: TLS wrapper plugin."],
         ["crypto-type", None, "openssl", "rats-tls: crypto wrapper plugin."],
         ["rats-tls-log-level", None, "error", "rats-tls: library log level (debug, info, warn, error, fatal, off)."],
+        [
+            "policy",
+            None,
+            None,
+            "Who may join and what each may do: a TOML file of identities (docs/security.md); "
+            "SIGHUP re-reads it. Without it, anyone who reaches a port may join, as in ENG.",
+        ],
+        [
+            "reattest",
+            None,
+            str(DEFAULT_REATTEST),
+            "rats-tls: re-handshake each leg when it reaches this age in seconds, spread out (0: never).",
+        ],
     ]
     optFlags = [["mutual", None, "rats-tls: both sides attest (the accepting side verifies the connecting one too)."]]
+
+    def opt_claim(self, value):
+        """
+        rats-tls (2025 library): send the custom claim NAME=VALUE in this side's evidence when
+        connecting; repeatable.
+        """
+        _usage(self._claim)(value)
+
+    def _claim(self, value):
+        name, sep, text = value.partition("=")
+        if not sep or not _CLAIM_NAME.fullmatch(name):
+            raise ConfigurationError(f"--claim {value!r}: give NAME=VALUE, NAME of letters, digits, '_', '.', '-'")
+        claims = self.setdefault("claims", [])
+        if any(n == name for n, _ in claims):
+            raise ConfigurationError(f"--claim names {name} twice")
+        raw = text.encode("utf-8")
+        if len(raw) > MAX_CLAIM_VALUE:
+            raise ConfigurationError(f"--claim {name}: the value is longer than {MAX_CLAIM_VALUE} bytes")
+        if len(claims) >= MAX_CLAIMS:
+            raise ConfigurationError(f"--claim: at most {MAX_CLAIMS} claims")
+        claims.append((name, raw))
+
+    def checkPolicy(self):
+        """
+        Load --policy now, so that a wrong key is refused with its file and
+        line before anything starts; check --reattest and --claim.
+        """
+        from ent.legs.policy import loadPolicy
+
+        self.setdefault("claims", [])
+        self["claims"] = tuple(self["claims"])
+        self["reattest"] = _number(self, "reattest")
+        if self["reattest"] < 0:
+            raise ConfigurationError(f"--reattest {self['reattest']} is negative (0 turns re-attestation off)")
+        self["policy-rules"] = None
+        if self["policy"] is not None:
+            self["policy-rules"] = loadPolicy(self["policy"])
 
     def ratsTls(self, server):
         """
@@ -228,9 +283,12 @@ class SecurityOptions(ObservabilityOptions):
             verifier=verifier,
             tlsType=self["tls-type"],
             cryptoType=self["crypto-type"],
-            mutual=bool(self["mutual"]),
+            # With a policy, the accepting side verifies the connecting one:
+            # librats_tls checks a client only when asked for mutual.
+            mutual=bool(self["mutual"]) or (server and self.get("policy") is not None),
             logLevel=_LOG_LEVEL_NAMES[level],
             server=server,
+            claims=() if server else tuple(self.get("claims", ())),
         )
 
     def tlsFiles(self):
@@ -399,6 +457,7 @@ class EntaOptions(SecurityOptions):
     @_usage
     def postOptions(self):
         self.checkObservability()
+        self.checkPolicy()
         self._checkStack()
         replay = self["replay"]
         client = "--dport" if self["dports"] else "--map" if self["maps"] else "--listen" if self["listens"] else None
@@ -729,6 +788,12 @@ class EntgOptions(SecurityOptions):
     @_usage
     def postOptions(self):
         self.checkObservability()
+        self.checkPolicy()
+        if self["policy"] is not None and self["allowed-ips"]:
+            raise ConfigurationError(
+                "--allowed-ips and --policy exclude each other: write each NAME=PREFIX as an identity with "
+                "tls-names = [NAME] and addresses = [PREFIX] in the policy (docs/security.md)"
+            )
         peers = self["entg-peers"]
         if not peers and self["entg-listen"] is None:
             self["entg-listen"] = str(GATEWAY_PORT)

@@ -189,14 +189,56 @@ typedef struct rtls_core_context_t *rats_tls_handle;
 typedef int (*rats_tls_callback_t)(void *);
 
 /*
- * What the verification callback receives (mock-specific; upstream passes
- * its own evidence structure, which differs between versions).
+ * What the verification callback receives: upstream's rtls_evidence_t, in
+ * this build's layout (api.h of each version).  The mock's null evidence
+ * is no SGX ECDSA quote, so it passes it zeroed (type 0, no claims), as the
+ * real 2025 library does for a nullattester peer.
  */
 typedef struct {
-	char type[32];       /* attester that produced the evidence */
-	const uint8_t *data; /* the raw blob from the certificate extension */
-	size_t size;
-} rats_tls_mock_evidence_t;
+	void *public_key;
+	int user_data_size;
+	char *user_data;
+	int unhashed_size;
+	char *unhashed;
+} ehd_t;
+
+typedef struct {
+	uint8_t *mr_enclave;
+	uint8_t *mr_signer;
+	uint32_t product_id;
+	uint32_t security_version;
+	uint8_t *attributes;
+	size_t collateral_size;
+	char *collateral;
+} rtls_sgx_evidence_t;
+
+typedef struct {
+	uint8_t *mrseam;
+	uint8_t *mrseamsigner;
+	uint8_t *tcb_svns;
+	uint8_t *cpu_svn;
+	uint8_t *mrtd;
+	uint8_t *rtmr;
+	uint8_t *tdel_info;
+	uint32_t tdel_info_sz;
+	uint8_t *tdel_data;
+	uint32_t tdel_data_sz;
+} rtls_tdx_evidence_t;
+
+typedef struct {
+	int type; /* enclave_evidence_type_t: SGX_ECDSA = 1, TDX_ECDSA, CSV */
+#ifdef RATS_LAYOUT_2025
+	claim_t *custom_claims;
+	size_t custom_claims_length;
+#endif
+	ehd_t ehd;
+	int quote_size;
+	char *quote;
+	union {
+		rtls_sgx_evidence_t sgx;
+		rtls_tdx_evidence_t tdx;
+	};
+} rtls_evidence_t;
 
 /* Private OID of the mock's evidence extension. */
 #define MOCK_EVIDENCE_OID "1.3.6.1.4.1.99999.8.1"
@@ -591,15 +633,16 @@ static int verify_peer_certificate(X509_STORE_CTX *store, void *arg)
 		goto out;
 	}
 
-	rats_tls_mock_evidence_t ev;
-	memset(&ev, 0, sizeof(ev));
+	char type[32];
 	size_t tlen = size - plen - 2 * SHA256_DIGEST_LENGTH - 1;
-	if (tlen >= sizeof(ev.type))
-		tlen = sizeof(ev.type) - 1;
-	memcpy(ev.type, blob + plen, tlen);
-	ev.data = blob;
-	ev.size = size;
-	LOG_DEBUG(ctx, "peer evidence from attester '%s' accepted by the nullverifier", ev.type);
+	if (tlen >= sizeof(type))
+		tlen = sizeof(type) - 1;
+	memcpy(type, blob + plen, tlen);
+	type[tlen] = '\0';
+	LOG_DEBUG(ctx, "peer evidence from attester '%s' accepted by the nullverifier", type);
+
+	rtls_evidence_t ev;
+	memset(&ev, 0, sizeof(ev));
 
 	if (ctx->verify_cb && ctx->verify_cb(&ev) == 0) {
 		LOG_ERR(ctx, "the verification callback rejected the peer's evidence");
