@@ -21,6 +21,7 @@ from ent.errors import PolicyError
 from ent.legs.identity import peerIdentities
 from ent.legs.policy import LegFacts, Refusal, loadPolicy
 from ent.legs.tls import isTls
+from ent.observability.ratelimit import OncePer
 
 
 def legFacts(transport, role):
@@ -70,7 +71,7 @@ class Admission:
         self.policy = policy
         self.clock = clock
         self._refused = refused
-        self._logged = {}
+        self._logAllowed = OncePer(clock, self.logInterval, self.maxLogged)
         self.generation = 0
 
     @property
@@ -95,16 +96,8 @@ class Admission:
 
     def refuse(self, facts, leg, peer, refusal):
         self._refused(leg, refusal.reason)
-        now = self.clock.seconds()
-        key = (facts.source, facts.role)
-        last = self._logged.get(key)
-        if last is not None and now - last < self.logInterval:
+        if not self._logAllowed((facts.source, facts.role)):
             return
-        if len(self._logged) >= self.maxLogged:
-            self._logged = {k: t for k, t in self._logged.items() if now - t < self.logInterval}
-            if len(self._logged) >= self.maxLogged:
-                return
-        self._logged[key] = now
         self.log.error(
             "{leg} {peer} refused by the policy: {detail} (logged at most once a minute per source)",
             leg=leg,

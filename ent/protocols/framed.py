@@ -148,6 +148,15 @@ class FramedLeg(Protocol):
     def stopProducing(self):
         self.close()
 
+    def refuseUnattached(self):
+        """
+        Close a leg that is up but was not let in (the policy refused its
+        party): it reads nothing more and is aborted at once.
+        """
+        self.refused = True
+        self.pauseProducing()
+        self.transport.abortConnection()
+
     def close(self):
         """
         Let the transport send what it holds, and abort it if that takes

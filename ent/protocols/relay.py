@@ -113,9 +113,7 @@ class RelayLeg(FramedLeg):
             result = admission.admit(self.facts, self.side, self.peerName())
             if isinstance(result, Refusal):
                 # Never attached: it routes nothing and owns nothing.
-                self.refused = True
-                self.pauseProducing()
-                self.transport.abortConnection()
+                self.refuseUnattached()
                 return
             self.identity = result
         if self.hub.reattest is not None:

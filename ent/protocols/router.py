@@ -52,6 +52,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ent.legs.policy import allowedIpsPolicy
+from ent.observability.ratelimit import OncePer
 from ent.observability.stats import DROP_REASONS
 from ent.protocols.framing import HEADER, HEADER_SIZE
 from ent.protocols.packets import ANNOUNCE_SIZE, isAnnouncement
@@ -166,7 +167,7 @@ class Router:
         # Bumped on every change of the tables; a leg's cached route is
         # valid only for the generation it was computed in.
         self.generation = 0
-        self._logged = {}
+        self._logAllowed = OncePer(clock, self.logInterval, self.maxLogged)
         stats.router = self
 
     # Legs coming and going.
@@ -727,16 +728,8 @@ class Router:
         self.drops.count(reason, leg=source.side)
         if reason in ("source_not_owned", "not_ip", "other_side_not_connected"):
             return  # counted and logged in aggregate; refusals are logged apart
-        now = self.clock.seconds()
-        key = (reason, dst)
-        last = self._logged.get(key)
-        if last is not None and now - last < self.logInterval:
+        if not self._logAllowed((reason, dst)):
             return
-        if len(self._logged) >= self.maxLogged:
-            self._logged = {k: t for k, t in self._logged.items() if now - t < self.logInterval}
-            if len(self._logged) >= self.maxLogged:
-                return
-        self._logged[key] = now
         self.log.warn(
             "{leg} {peer}: dropping frames to {destination}: {description} "
             "(logged at most once a minute per destination)",

@@ -55,9 +55,7 @@ class GatewayLink(FramedLeg):
         self.facts = legFacts(self.transport, "gateway")
         result = agent.admission.admit(self.facts, "gateway", self.peerName())
         if isinstance(result, Refusal):
-            self.refused = True
-            self.pauseProducing()
-            self.transport.abortConnection()
+            self.refuseUnattached()
             return
         self.identity = result
         self.reattestation = agent.reattest.watch(self, connecting=True, retry=agent.retry)
