@@ -2,6 +2,7 @@
 Checks that several end-to-end tests make of a running tunnel.
 """
 
+import json
 import re
 import shutil
 import signal
@@ -112,3 +113,14 @@ def established(topology, host, port):
         if len(fields) >= 4:
             pairs.add((fields[2], fields[3]))
     return pairs
+
+
+def legsIn(topology, host, port=METRICS_PORT):
+    """
+    A gateway's C{/legs} (one dict per leg), fetched from inside C{host}'s
+    namespace.
+    """
+    result = topology.exec(host, sys.executable, "-c", _FETCH, f"http://127.0.0.1:{port}/legs", timeout=30)
+    if result.returncode != 0:
+        raise AssertionError(f"cannot fetch /legs of {host}: {result.stderr}")
+    return json.loads(result.stdout)

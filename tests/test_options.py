@@ -410,6 +410,14 @@ class PolicyOptionsTests(unittest.TestCase):
         self.assertFalse(entg("--enta-rats-tls")["enta-security"].ratsTls.mutual)
         self.assertTrue(entg("--enta-rats-tls", "--policy", path)["enta-security"].ratsTls.mutual)
 
+    def test_attestingConnectorPresentsItsEvidence(self):
+        """
+        librats_tls sends a connecting side's certificate (its evidence)
+        only when that side is mutual: one that attests is.
+        """
+        self.assertFalse(enta("--entg-rats-tls")["entg-security"].ratsTls.mutual)
+        self.assertTrue(enta("--entg-rats-tls", "--attester", "ent_sim")["entg-security"].ratsTls.mutual)
+
     def test_claims(self):
         o = enta("--dport", "7", "--entg-rats-tls", "--claim", "app=billing", "--claim", "tier=gold")
         self.assertEqual(o["entg-security"].ratsTls.claims, (("app", b"billing"), ("tier", b"gold")))

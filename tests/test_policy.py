@@ -488,7 +488,7 @@ class MatchTests(unittest.TestCase):
             self.policy,
             rats(sgx(isvsvn=1)),
             "sgx.min-isvsvn",
-            "sgx.isvsvn is 1, policy billing-client wants at least 2",
+            "sgx.min-isvsvn: the enclave's isvsvn is 1, policy billing-client wants at least 2",
             "billing-client",
         )
 

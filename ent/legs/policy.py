@@ -277,7 +277,7 @@ class Identity:
             if have is None:
                 return f"{key}: the leg carries no SGX evidence ({_evidenceText(facts)}), {policy} wants {want}"
             if field_ == "min-isvsvn":
-                return f"sgx.isvsvn is {have}, {policy} wants {want}"
+                return f"sgx.min-isvsvn: the enclave's isvsvn is {have}, {policy} wants {want}"
             if isinstance(have, bytes):
                 have = _short(have)
             return f"{key} is {have}, {policy} wants {want}"

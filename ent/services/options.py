@@ -285,7 +285,11 @@ class SecurityOptions(ObservabilityOptions):
             cryptoType=self["crypto-type"],
             # With a policy, the accepting side verifies the connecting one:
             # librats_tls checks a client only when asked for mutual.
-            mutual=bool(self["mutual"]) or (server and self.get("policy") is not None),
+            # ... and it presents its own evidence only when it is mutual
+            # too: a connecting side with an attester that attests does.
+            mutual=bool(self["mutual"])
+            or (server and self.get("policy") is not None)
+            or (not server and attester != "nullattester"),
             logLevel=_LOG_LEVEL_NAMES[level],
             server=server,
             claims=() if server else tuple(self.get("claims", ())),
