@@ -205,7 +205,10 @@ class FairnessTests(LimitsTestCase):
         paused, B gets its frames, A's queue is bounded and what is beyond
         it is dropped and counted.
         """
+        # The peer has just written to A when A's buffer fills.
+        self.peer.dataReceived(frame(packet("192.168.0.254", "192.168.0.1")))
         self.a.transport.producer.pauseProducing()
+        self.assertEqual(self.peer.transport.producerState, "producing")
         big = packet("192.168.0.254", "192.168.0.1", b"x" * 60000)
         for _ in range(MAX_QUEUED // len(frame(big)) + 5):
             self.peer.dataReceived(frame(big))

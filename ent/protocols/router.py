@@ -133,6 +133,8 @@ class Gate:
         self.fullSince = self.router.clock.seconds()
         self.router.watchStall(self)
         senders, self.senders = self.senders, set()
+        if self.router.fair(self.leg):
+            return  # what feeds it feeds others too: it is not paused for this one
         for source in senders:
             self.willSend(source)
 
@@ -416,6 +418,13 @@ class Router:
         # One agent, one peer: each one's frames go to the other (forward).
         agent, peer = self._sole["agent"], self._sole["peer"]
         self._relayTo = {agent: peer, peer: agent} if relaying else {}
+
+    def fair(self, target):
+        """
+        Whether a full C{target} must not pause its senders: an agent among
+        several, whose senders (a peer) also feed the others.
+        """
+        return target.side == "agent" and len(self.legs["agent"]) > 1
 
     def watchStall(self, gate):
         """
@@ -792,7 +801,7 @@ class Router:
         if target is None:
             return
         gate = target.gate
-        if gate.full and target.side == "agent" and len(self.legs["agent"]) > 1:
+        if gate.full and self.fair(target):
             # Fair mode: an agent that reads slowly never pauses what feeds
             # the others too; what it cannot take waits in its own bounded
             # queue, and beyond it is dropped.
