@@ -70,6 +70,7 @@ class DropReasonTests(unittest.TestCase):
         "routingOnTheGateway",
         "unlistedIdentityOnTheGateway",
         "policyGrantsOnTheGateway",
+        "stuckAgentOnTheGateway",
         "badPacketsOnTheAgent",
         "tunSideDropsOnTheAgent",
         "connectionLimitOnTheRelay",
@@ -202,6 +203,21 @@ class DropReasonTests(unittest.TestCase):
         agent.dataReceived(frame(addressed("192.168.0.1", "192.168.0.254", 6, 7)))
         peer.dataReceived(frame(addressed("192.168.0.9", "192.168.0.1")))
         return stats, {("agent", "service_not_allowed"): 1, ("peer", "source_not_allowed"): 1}
+
+    def stuckAgentOnTheGateway(self):
+        from ent.protocols.router import MAX_QUEUED, STALL_TIMEOUT
+        from tests.test_router import packet
+
+        stats, clock, connect = self.gateway()
+        a, b, peer = connect("agent"), connect("agent"), connect("peer")
+        a.dataReceived(frame(packet("192.168.0.1", "192.168.0.254")))
+        b.dataReceived(frame(packet("192.168.0.2", "192.168.0.254")))
+        a.transport.producer.pauseProducing()
+        big = frame(packet("192.168.0.254", "192.168.0.1", b"x" * 60000))
+        for _ in range(MAX_QUEUED // len(big) + 2):
+            peer.dataReceived(big)
+        clock.advance(STALL_TIMEOUT + 1)
+        return stats, {("agent", "target_full"): 2, ("agent", "write_stalled"): 1}
 
     def badPacketsOnTheAgent(self):
         agent = self.agent()

@@ -208,6 +208,12 @@ def clientEndpoint(reactor, text, what="client endpoint"):
         raise ConfigurationError(f"{what} {text!r}: {_parserError(e)}")
 
 
+# Connections the kernel queues for accept (Twisted's default is 50): a
+# burst of connections must not make a real agent's connect wait for SYN
+# retransmissions.
+LISTEN_BACKLOG = 1024
+
+
 def serverEndpoint(reactor, text, what="server endpoint"):
     """
     An L{IStreamServerEndpoint} for C{PORT}, C{ADDR:PORT} or a server endpoint
@@ -217,13 +223,13 @@ def serverEndpoint(reactor, text, what="server endpoint"):
     if match:
         port = portIn(text, match.group("port"), what)
         if match.group("v6"):
-            return TCP6ServerEndpoint(reactor, port, interface=match.group("v6"))
+            return TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=match.group("v6"))
         host = match.group("host") or "0.0.0.0"
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
             raise ConfigurationError(f"{what} {text!r}: {host!r} is not an IP address")
-        return TCP4ServerEndpoint(reactor, port, interface=host)
+        return TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
     try:
         return serverFromString(reactor, text)
     except (ValueError, TypeError, KeyError) as e:

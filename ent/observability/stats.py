@@ -37,6 +37,8 @@ DROP_REASONS = {
     "peer_to_peer": "from one peer gateway to another",
     "address_in_use": "connection refused: its address or prefix belongs to a live leg",
     "identity_not_allowed": "connection refused: its certificate names no --allowed-ips entry",
+    "target_full": "to an agent that takes too little (its queue is full): dropped so the others go on",
+    "write_stalled": "connection closed: the leg took nothing for its stall timeout",
     "service_not_allowed": "to a destination the agent's policy identity may not reach (services)",
     "source_not_allowed": "a peer gateway sent from outside the addresses of its policy identity",
     "udp_fragment": "fragmented UDP datagram (the user-space stack does not reassemble)",

@@ -57,6 +57,10 @@ class RelayLeg(FramedLeg):
     # for a peer the prefixes its frames must come from; None: no limit.
     services = None
     sourcePrefixes = None
+    # The gateway's L{ent.protocols.limits.LegLimits} for an accepted leg;
+    # unproven until it completes a frame or an authenticating handshake.
+    limits = None
+    unproven = False
 
     def __init__(self, hub, side, routes=(), connecting=False, retry=None):
         self.side = side
@@ -108,6 +112,8 @@ class RelayLeg(FramedLeg):
         self.since = self.clock.seconds()
         self.identities = peerIdentities(self.transport)
         self.facts = legFacts(self.transport, self.side)
+        if self.unproven and self.facts.kind != "tcp":
+            self._proven()
         admission = self.hub.admission
         if admission is not None and admission.active:
             result = admission.admit(self.facts, self.side, self.peerName())
@@ -120,7 +126,30 @@ class RelayLeg(FramedLeg):
             self.reattestation = self.hub.reattest.watch(self)
         self.hub.attach(self)
 
+    def _proven(self):
+        self.unproven = False
+        self.limits.proven(self)
+        if self.hub.attached(self):
+            self.hub.connectedLine(self)
+
+    def evict(self):
+        """
+        Close this leg at once to make room (L{ent.protocols.limits}).
+        """
+        if self.hub.attached(self):
+            self.hub.evict(self)
+        else:
+            self.refused = True
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        FramedLeg.connectionLost(self, reason)
+        if self.limits is not None:
+            self.limits.closed(self)
+
     def framedDataReceived(self, frames, count):
+        if self.unproven:
+            self._proven()
         self.packetsReceived += count
         self.bytesReceived += len(frames)
         self.hub.forward(self, frames, count, self.decoder.pair)
@@ -135,12 +164,21 @@ class RelayLeg(FramedLeg):
 class RelayLegFactory(Factory):
     noisy = False
 
-    def __init__(self, hub, side, routes=(), connecting=False, retry=None):
+    def __init__(self, hub, side, routes=(), connecting=False, retry=None, limits=None):
         self.hub = hub
         self.side = side
         self.routes = tuple(routes)
         self.connecting = connecting
         self.retry = retry
+        self.limits = limits
 
     def buildProtocol(self, addr):
-        return RelayLeg(self.hub, self.side, self.routes, self.connecting, self.retry)
+        limits = self.limits
+        if limits is not None and not limits.admit(self.side, addr):
+            return None  # the port closes the connection
+        leg = RelayLeg(self.hub, self.side, self.routes, self.connecting, self.retry)
+        if limits is not None:
+            leg.limits = limits
+            leg.unproven = True
+            limits.opened(leg, addr)
+        return leg

@@ -34,8 +34,19 @@ that have written to it since it last paused, and any that write to it
 while it is full; when the buffer drains it resumes them. A leg reads
 again only when nothing holds it (L{Router.hold}). So a gateway holds at
 most one read per source beyond each transport's buffer, whatever the
-number of legs; the price is head-of-line blocking: an agent that writes to
-a full peer stops being read, also for frames to other peers.
+number of legs.
+
+Fairness: pausing a peer leg because one of the agents behind it reads
+slowly would stall every other agent behind that peer. So when the gateway
+has several agents, a full agent never pauses its senders: what it cannot
+take waits in its own queue (at most C{MAX_QUEUED} bytes beyond its
+transport's buffer, C{MAX_QUEUED_TOTAL} for all agents), and beyond that
+frames to it are dropped (C{target_full}; the TCP inside the tunnel slows
+down as it would behind any full router). An agent whose transport stays
+full for C{STALL_TIMEOUT} seconds takes nothing at all, and is closed
+(C{write_stalled}). With one agent, as in ENG's relay, it is paced by
+backpressure alone. Frames to peers are always paced by backpressure: all
+agents that write to a full peer wait for the same link.
 
 Per frame the router reads the length, the version and the two addresses
 and does one or two dict look-ups (a repeated source/destination pair is a
@@ -70,6 +81,15 @@ MAX_LEARNED = {"agent": 256, "peer": 4096}
 # Routes a leg remembers by address pair (one per flow through it) before
 # they are forgotten all at once.
 ROUTE_CACHE_SIZE = 1024
+# Legs gone before the gates are swept of them (at least; or as many as
+# there are legs, so that a sweep costs O(1) per disconnect).
+FORGET_BATCH = 256
+# Fair mode: what may wait for one full agent beyond its transport's
+# buffer, and for all of them together; beyond, frames to it are dropped.
+MAX_QUEUED = 1 << 20
+MAX_QUEUED_TOTAL = 64 << 20
+# An agent whose transport stays full this long is closed.
+STALL_TIMEOUT = 10.0
 
 
 def addressText(packed):
@@ -95,6 +115,10 @@ class Gate:
         # Legs that wrote since the last pause, and legs this gate holds.
         self.senders = set()
         self.held = set()
+        # Fair mode (an agent among several): bytes written to the full
+        # transport instead of pausing the senders, and since when it is full.
+        self.queued = 0
+        self.fullSince = None
 
     def willSend(self, source):
         if self.full:
@@ -106,12 +130,20 @@ class Gate:
 
     def pauseProducing(self):
         self.full = True
+        self.fullSince = self.router.clock.seconds()
+        self.router.watchStall(self)
         senders, self.senders = self.senders, set()
+        if self.router.fair(self.leg):
+            return  # what feeds it feeds others too: it is not paused for this one
         for source in senders:
             self.willSend(source)
 
     def resumeProducing(self):
         self.full = False
+        self.fullSince = None
+        if self.queued:
+            self.router.queuedBytes -= self.queued
+            self.queued = 0
         held, self.held = self.held, set()
         for source in held:
             self.router.release(source, self)
@@ -121,10 +153,6 @@ class Gate:
         The leg's connection is gone: nobody waits for it any more.
         """
         self.resumeProducing()
-
-    def forget(self, leg):
-        self.senders.discard(leg)
-        self.held.discard(leg)
 
 
 class Router:
@@ -136,6 +164,7 @@ class Router:
     # At most one log line per destination (and reason) in this many seconds.
     logInterval = 60.0
     maxLogged = 4096
+    stallTimeout = STALL_TIMEOUT
 
     def __init__(self, stats, clock, allowedIps=None, agentToAgent=False, peerRoutes=(), admission=None, reattest=None):
         """
@@ -168,6 +197,10 @@ class Router:
         # valid only for the generation it was computed in.
         self.generation = 0
         self._logAllowed = OncePer(clock, self.logInterval, self.maxLogged)
+        # Legs gone since the gates were last swept of them.
+        self._departed = set()
+        # Bytes queued to full agents in fair mode, all gates together.
+        self.queuedBytes = 0
         stats.router = self
 
     # Legs coming and going.
@@ -220,21 +253,30 @@ class Router:
             mask = ((1 << prefix.prefixlen) - 1) << (prefix.max_prefixlen - prefix.prefixlen)
             self.prefixes.append((prefix.version, int(prefix.network_address), mask, prefix.prefixlen, leg))
         self.prefixes.sort(key=lambda p: -p[3])
-        self.log.info(
-            "{leg} connected from {peer}{identity}",
-            leg=side,
-            peer=leg.peerName(),
-            identity=_identityNote(leg) if leg.identities or identity is not None else "",
-            evidence=leg.evidenceText(),
-        )
+        if not leg.unproven:
+            self.connectedLine(leg)
         if not others:
             self.hold(leg, ALONE)
-            self.log.info("{leg} waits for the {other} side", leg=side, other=OTHER[side])
+            if len(legs) == 1:
+                self.log.info("{leg} waits for the {other} side", leg=side, other=OTHER[side])
             return
         if len(legs) == 1:
             for other in others:
                 self.release(other, ALONE)
-        self.log.info("relaying between agent and peer gateway")
+            self.log.info("relaying between agent and peer gateway")
+
+    def connectedLine(self, leg):
+        """
+        Say that C{leg} connected, once it has shown it speaks the protocol
+        (a flood of idle connections logs nothing but its refusals).
+        """
+        self.log.info(
+            "{leg} connected from {peer}{identity}",
+            leg=leg.side,
+            peer=leg.peerName(),
+            identity=_identityNote(leg) if leg.identities or leg.identity is not None else "",
+            evidence=leg.evidenceText(),
+        )
 
     def _replaceSameIdentity(self, leg):
         """
@@ -297,6 +339,8 @@ class Router:
         if not self.attached(leg):
             return
         self._remove(leg)
+        if leg.unproven:
+            return  # it never sent a frame: counted, not logged
         self.log.warn(
             "{leg} {peer} disconnected: {reason}", leg=leg.side, peer=leg.peerName(), reason=reason.getErrorMessage()
         )
@@ -332,9 +376,7 @@ class Router:
         if leg.prefixes:
             self.prefixes = [p for p in self.prefixes if p[4] is not leg]
         leg.gate.resumeProducing()
-        for legs in self.legs.values():
-            for other in legs:
-                other.gate.forget(leg)
+        self._forgetLater(leg)
         self._changed()
         if not self.legs[side]:
             for other in self.legs[OTHER[side]]:
@@ -342,6 +384,23 @@ class Router:
 
     def attached(self, leg):
         return leg in self.legs[leg.side]
+
+    def _forgetLater(self, leg):
+        """
+        Other gates may still name C{leg} among their senders; that is
+        harmless (L{hold} ignores a leg that is gone), so they are swept
+        only once many legs have gone: a disconnect costs the same whatever
+        the number of legs.
+        """
+        departed = self._departed
+        departed.add(leg)
+        if len(departed) >= max(FORGET_BATCH, len(self.legs["agent"]) + len(self.legs["peer"])):
+            for legs in self.legs.values():
+                for other in legs:
+                    gate = other.gate
+                    gate.senders -= departed
+                    gate.held -= departed
+            departed.clear()
 
     def _changed(self):
         for side, legs in self.legs.items():
@@ -359,6 +418,39 @@ class Router:
         # One agent, one peer: each one's frames go to the other (forward).
         agent, peer = self._sole["agent"], self._sole["peer"]
         self._relayTo = {agent: peer, peer: agent} if relaying else {}
+
+    def fair(self, target):
+        """
+        Whether a full C{target} must not pause its senders: an agent among
+        several, whose senders (a peer) also feed the others.
+        """
+        return target.side == "agent" and len(self.legs["agent"]) > 1
+
+    def watchStall(self, gate):
+        """
+        Close an agent's leg whose transport stays full for
+        C{stallTimeout}: it takes nothing while its queue waits (in fair
+        mode), or while it holds the legs that feed it.
+        """
+        if gate.leg.side != "agent" or self.stallTimeout is None:
+            return
+        since = gate.fullSince
+        self.clock.callLater(self.stallTimeout, self._checkStall, gate, since)
+
+    def _checkStall(self, gate, since):
+        leg = gate.leg
+        if gate.fullSince != since or not self.attached(leg):
+            return
+        self.drops.count("write_stalled", leg=leg.side)
+        if self._logAllowed(("write_stalled", leg.peerName())):
+            self.log.warn(
+                "{leg} {peer}{identity} closed: it took nothing for {timeout}s",
+                leg=leg.side,
+                peer=leg.peerName(),
+                identity=leg.identitySuffix(),
+                timeout=self.stallTimeout,
+            )
+        self.evict(leg)
 
     def closeAll(self):
         """
@@ -708,8 +800,17 @@ class Router:
     def _send(self, source, target, buffers, size, count):
         if target is None:
             return
-        if not source.refused:
-            gate = target.gate
+        gate = target.gate
+        if gate.full and self.fair(target):
+            # Fair mode: an agent that reads slowly never pauses what feeds
+            # the others too; what it cannot take waits in its own bounded
+            # queue, and beyond it is dropped.
+            if gate.queued + size > MAX_QUEUED or self.queuedBytes + size > MAX_QUEUED_TOTAL:
+                self.drops.count("target_full", count, leg=target.side)
+                return
+            gate.queued += size
+            self.queuedBytes += size
+        elif not source.refused:
             if gate.full:
                 gate.willSend(source)
             else:
@@ -746,6 +847,8 @@ class Router:
         """
         Stop reading C{leg} until every reason to hold it is released.
         """
+        if not self.attached(leg):
+            return  # gone: a gate that still names it has nothing to hold
         if not leg.holds:
             leg.pauseProducing()
         leg.holds.add(why)

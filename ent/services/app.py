@@ -5,7 +5,7 @@ Build ENT's services from parsed options; the twistd plugins call these.
 from ent.legs.endpoints import clientEndpoint, serverEndpoint
 from ent.legs.security import secureClient, secureServer
 from ent.services.reload import ReloadOnHangup
-from ent.services.startup import _built, guarded
+from ent.services.startup import FD_RESERVE, _built, guarded, legsWithinFileLimit, raiseFileLimit
 
 
 def makeAgentService(options, reactor):
@@ -35,6 +35,7 @@ def makeAgentService(options, reactor):
 
 def makeGatewayService(options, reactor):
     from ent.observability.stats import ServiceStats
+    from ent.protocols.limits import LegLimits
     from ent.services.gateway import GatewayService
 
     def build():
@@ -71,6 +72,15 @@ def makeGatewayService(options, reactor):
             leg="agent",
             stats=stats,
         )
+        fileLimit = raiseFileLimit()
+        maxLegs = legsWithinFileLimit(options["max-legs"], fileLimit)
+        limits = LegLimits(
+            reactor,
+            stats.legRefused,
+            maxLegs=maxLegs,
+            perSource=options["max-legs-per-source"],
+            budget=options.get("handshake-timeout", 10.0),
+        )
         securities = [options["enta-security"], options["entg-listen-security"]]
         securities += [peer.security for peer in options["entg-peers"]]
         service = GatewayService(
@@ -85,7 +95,17 @@ def makeGatewayService(options, reactor):
             reattest=options.get("reattest", 0),
             ratsTls=any(s is not None and s.kind == "rats-tls" for s in securities),
             hangup=ReloadOnHangup(reactor),
+            limits=limits,
         )
+        if maxLegs < options["max-legs"]:
+            service.log.warn(
+                "--max-legs {wanted} lowered to {legs}: this process may open {limit} files, "
+                "{reserve} of them kept for peers, metrics and logs",
+                wanted=options["max-legs"],
+                legs=maxLegs,
+                limit=fileLimit,
+                reserve=FD_RESERVE,
+            )
         return guarded("entg", service, options, reactor)
 
     return _built("entg", build)

@@ -41,6 +41,7 @@ class GatewayService(MultiService):
         reattest=0,
         ratsTls=False,
         hangup=None,
+        limits=None,
     ):
         """
         C{peers}: C{(endpoint, prefixes)} for each peer gateway to connect
@@ -50,7 +51,9 @@ class GatewayService(MultiService):
         C{reattest}: C{--reattest} in seconds; C{ratsTls}: whether any leg
         is on rats-tls (without a policy, a warning says that no evidence
         is checked); C{hangup}: installs the SIGHUP handler that reloads
-        the policy (L{ReloadOnHangup}), given by the plugin only.
+        the policy (L{ReloadOnHangup}), given by the plugin only;
+        C{limits}: the L{ent.protocols.limits.LegLimits} of the accepted
+        legs (none without it).
         """
         MultiService.__init__(self)
         self.stats = stats if stats is not None else ServiceStats("entg", reactor)
@@ -73,6 +76,7 @@ class GatewayService(MultiService):
             reattest=Reattestation(reactor, reattest, self.stats.reattested),
         )
         self.hangup = hangup
+        self.limits = limits
         self._listen(agentEndpoint, "agent")
         for endpoint, routes in peers:
             # One service per peer: each reconnects on its own, at once
@@ -88,7 +92,7 @@ class GatewayService(MultiService):
             self._listen(peerListen, "peer")
 
     def _listen(self, endpoint, side):
-        listeningService(endpoint, RelayLegFactory(self.hub, side)).setServiceParent(self)
+        listeningService(endpoint, RelayLegFactory(self.hub, side, limits=self.limits)).setServiceParent(self)
 
     def reloadPolicy(self):
         """

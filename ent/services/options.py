@@ -23,6 +23,7 @@ from ent.legs.endpoints import checkClientDescription, checkServerDescription, h
 from ent.legs.security import LegSecurity, RatsTlsChoice
 from ent.legs.tls import TlsFiles
 from ent.protocols.framing import MAX_PACKET
+from ent.protocols.limits import DEFAULT_MAX_LEGS, DEFAULT_MAX_LEGS_PER_SOURCE
 
 CLIENT_TUN_ADDRESS = "192.168.0.1"
 SERVER_TUN_ADDRESS = "192.168.0.254"
@@ -118,8 +119,8 @@ class ObservabilityOptions(usage.Options):
             "metrics",
             None,
             None,
-            "Serve Prometheus metrics at /metrics on this PORT, ADDR:PORT or server "
-            "endpoint string (e.g. tcp:9100:interface=127.0.0.1).",
+            "Serve Prometheus metrics at /metrics (and the legs at /legs) on this PORT (on 127.0.0.1), "
+            "ADDR:PORT (e.g. 0.0.0.0:9100 for every interface) or server endpoint string.",
         ],
         [
             "log-format",
@@ -736,6 +737,16 @@ class EntgOptions(SecurityOptions):
         ["entg-rats-tls", None, "Protect the peer gateway's leg with rats-tls."],
         ["agent-to-agent", None, "Route frames between agents of this gateway (dropped by default)."],
     ]
+    optParameters = optParameters + [
+        [
+            "max-legs",
+            None,
+            str(DEFAULT_MAX_LEGS),
+            "Accept at most this many agent and peer legs in all (beyond, the oldest that has not yet "
+            "sent a frame or authenticated is closed to make room, else the new one is refused).",
+        ],
+        ["max-legs-per-source", None, str(DEFAULT_MAX_LEGS_PER_SOURCE), "The same, per source address."],
+    ]
 
     def __init__(self):
         usage.Options.__init__(self)
@@ -793,6 +804,10 @@ class EntgOptions(SecurityOptions):
     def postOptions(self):
         self.checkObservability()
         self.checkPolicy()
+        for name in ("max-legs", "max-legs-per-source"):
+            self[name] = _number(self, name)
+            if self[name] < 1:
+                raise ConfigurationError(f"--{name} {self[name]} must be at least 1")
         if self["policy"] is not None and self["allowed-ips"]:
             raise ConfigurationError(
                 "--allowed-ips and --policy exclude each other: write each NAME=PREFIX as an identity with "

@@ -146,6 +146,48 @@ def _built(name, build):
         raise SystemExit(f"twistd {name}: {e}")
 
 
+# File descriptors kept free beyond the legs a gateway accepts: its
+# outgoing peer connections, the metrics endpoint, logs, the library's own.
+FD_RESERVE = 256
+
+
+def raiseFileLimit():
+    """
+    Raise this process's soft limit of open files to its hard limit (a
+    gateway holds one per leg, and the usual soft limit of 1024 is what a
+    flood of idle connections would exhaust); returns the new soft limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def legsWithinFileLimit(maxLegs, limit):
+    """
+    C{--max-legs}, lowered if needed so that the legs can never take the
+    descriptors kept in reserve.
+    """
+    return max(1, min(maxLegs, limit - FD_RESERVE))
+
+
+def metricsListen(text):
+    """
+    Where C{--metrics} listens: a bare PORT on loopback only, since C{/legs}
+    tells whoever asks which parties are connected; ADDR:PORT or an
+    endpoint string where it says.
+    """
+    return f"127.0.0.1:{text}" if text.isascii() and text.isdigit() else text
+
+
 def guarded(name, service, options, reactor):
     """
     Wrap C{service} in a L{StartupGuard} with the metrics endpoint and log
@@ -155,7 +197,9 @@ def guarded(name, service, options, reactor):
     if options["metrics"] is not None:
         from ent.observability.metrics import metricsService
 
-        extra.append(metricsService(serverEndpoint(reactor, options["metrics"], "--metrics"), service.stats))
+        extra.append(
+            metricsService(serverEndpoint(reactor, metricsListen(options["metrics"]), "--metrics"), service.stats)
+        )
     observer = None
     if options["log-format"] == "json":
         from ent.observability.logs import observerFor
