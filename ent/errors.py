@@ -115,6 +115,19 @@ class RatsTlsClosed(RatsTlsError):
     """
 
 
+class HandshakeRefused(EntError):
+    """
+    A connection's handshake could not be run: the handshake pool is
+    stopped, full, or cannot start a thread.  The connection is closed.
+    """
+
+
+class HandshakeTimeout(EntError):
+    """
+    A handshake did not finish within its budget (C{--handshake-timeout}).
+    """
+
+
 class VsockAddressError(ConfigurationError, ValueError):
     """
     A vsock CID or port is malformed or out of range.

@@ -30,6 +30,7 @@ for entry in $libs; do
     ENT_TEST_RATS_TLS_LIB=${entry#*=} ENT_TEST_RATS_TLS_LAYOUT=$layout \
         .venv/bin/python -m twisted.trial --temp-directory="_trial_temp.rats-$name" \
         tests.test_ratstls_binding tests.test_ratstransport tests.test_ratstls_tunnel \
-        tests.test_ratstls_stress tests.test_ratstls_evidence tests.test_policy_attested || status=1
+        tests.test_ratstls_stress tests.test_ratstls_evidence tests.test_ratsaccept \
+        tests.test_policy_attested || status=1
 done
 exit $status

@@ -430,6 +430,20 @@ class PolicyOptionsTests(unittest.TestCase):
             e = self.assertRaises(usage.UsageError, enta, "--dport", "7", *argv)
             self.assertIn(message, str(e))
 
+    def test_handshakeTimeout(self):
+        """
+        --handshake-timeout: a positive number of seconds, default 10, on
+        every leg's security, whichever protection it has.
+        """
+        self.assertEqual(entg()["handshake-timeout"], 10.0)
+        self.assertEqual(entg("--enta-rats-tls")["enta-security"].handshakeTimeout, 10.0)
+        o = enta("--dport", "7", "--entg-rats-tls", "--handshake-timeout", "2.5")
+        self.assertEqual(o["entg-security"].handshakeTimeout, 2.5)
+        self.assertEqual(entg("--handshake-timeout", "3")["enta-security"].handshakeTimeout, 3.0)
+        for bad in ("0", "-1", "soon", "1e3", " 5"):
+            e = self.assertRaises(usage.UsageError, entg, "--handshake-timeout", bad)
+            self.assertIn("--handshake-timeout", str(e))
+
     def test_reattest(self):
         self.assertEqual(entg()["reattest"], 3600)
         self.assertEqual(entg("--reattest", "0")["reattest"], 0)

@@ -162,6 +162,18 @@ def timeout(d, seconds=20):
     return d.addTimeout(seconds, reactor)
 
 
+@defer.inlineCallbacks
+def closeAll(*protocols):
+    """
+    Abort the connections of C{protocols}; fires once each has ended.
+    """
+    for p in protocols:
+        if not p.transport.disconnected:
+            p.transport.abortConnection()
+    for p in protocols:
+        yield timeout(p.ended if not p.lost else defer.succeed(None))
+
+
 class RatsTlsTransportTests(unittest.TestCase):
     timeout = 60
 
@@ -177,13 +189,8 @@ class RatsTlsTransportTests(unittest.TestCase):
         self.addCleanup(self.closeAll, client, server)
         return client, server
 
-    @defer.inlineCallbacks
     def closeAll(self, *protocols):
-        for p in protocols:
-            if not p.transport.disconnected:
-                p.transport.abortConnection()
-        for p in protocols:
-            yield timeout(p.ended if not p.lost else defer.succeed(None))
+        return closeAll(*protocols)
 
     @defer.inlineCallbacks
     def test_providesTransportInterfaces(self):
@@ -400,19 +407,14 @@ class RatsTlsTransportTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         failures = []
         endpoint = RatsTlsClientEndpoint(
-            reactor,
-            "127.0.0.1",
-            port.getHost().port,
-            settings(),
-            leg="peer",
-            onHandshakeFailed=lambda: failures.append("peer"),
+            reactor, "127.0.0.1", port.getHost().port, settings(), leg="peer", onHandshakeFailed=failures.append
         )
         e = yield self.assertFailure(
             timeout(endpoint.connect(protocol.Factory.forProtocol(Collector))), error.ConnectError
         )
         self.assertIn("rats-tls handshake failed", str(e))
         self.assertIn("negotiate", str(e))
-        self.assertEqual(failures, ["peer"], "a failed handshake is counted once")
+        self.assertEqual(failures, ["rats-tls"], "a failed handshake is counted once")
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks
@@ -425,7 +427,7 @@ class RatsTlsTransportTests(unittest.TestCase):
             settings(),
             interface="127.0.0.1",
             leg="agent",
-            onHandshakeFailed=lambda: stats.handshakeFailed("agent", "rats-tls"),
+            onHandshakeFailed=lambda kind: stats.handshakeFailed("agent", kind),
         )
         port = yield endpoint.listen(factory)
         self.addCleanup(port.stopListening)

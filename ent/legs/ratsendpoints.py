@@ -3,46 +3,35 @@ rats-tls endpoints: client and server endpoints that hand out a
 L{RatsTlsTransport} once the attested handshake is over.
 
 librats_tls has only blocking calls and negotiates only on a blocking fd,
-so each handshake runs in a thread of its own; after it the reactor alone
+so each connection's session is made (C{rats_tls_init}) and negotiated in
+a worker of a bounded L{HandshakePool}, never in the reactor's thread,
+within one L{Budget} for the whole handshake; after it the reactor alone
 drives the session (L{ent.legs.ratstransport}).
 """
 
 import socket
 import struct
-import threading
 
 from twisted.internet import defer, error, tcp
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ent.errors import RatsTlsError
+from ent.errors import HandshakeRefused, HandshakeTimeout, RatsTlsError
+from ent.legs.ratspool import Budget, HandshakePool
 from ent.legs.ratstransport import RatsTlsTransport
+from ent.observability.ratelimit import OncePer
 
-# A handshake that takes longer than this fails (the fd stays blocking, the
-# kernel times the socket calls out).
+#: Default budget of a whole handshake (--handshake-timeout); each socket
+#: call also has it as a kernel timeout, a backstop.
 HANDSHAKE_TIMEOUT = 10.0
 
-
-def inThread(reactor, name, function, *args):
-    """
-    Run a blocking C{function} in a thread of its own; a L{Deferred} fires
-    in the reactor with its result.
-    """
-    d = defer.Deferred()
-
-    def run():
-        try:
-            result = function(*args)
-        except BaseException:
-            reactor.callFromThread(d.errback, Failure())
-        else:
-            reactor.callFromThread(d.callback, result)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return d
+#: What a failure counts as (ent_handshake_failures{kind}): the pool could
+#: not take the connection, or the handshake itself failed (timeouts and
+#: resets right after it included).
+BUSY = "rats-tls-busy"
+FAILED = "rats-tls"
 
 
 def _setSocketTimeouts(sock, seconds):
@@ -55,15 +44,84 @@ def _setSocketTimeouts(sock, seconds):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
-def handshake(sock, session):
+def handshake(sock, session, timeout=HANDSHAKE_TIMEOUT):
     """
-    Blocking: run the rats-tls handshake on the connected C{sock}.
+    Blocking: run the rats-tls handshake on the connected C{sock}; no
+    socket call may take longer than C{timeout}.
     """
     sock.setblocking(True)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _setSocketTimeouts(sock, HANDSHAKE_TIMEOUT)
+    _setSocketTimeouts(sock, timeout)
     session.negotiate(sock)
     _setSocketTimeouts(sock, 0)
+
+
+def _cleanupQuietly(session):
+    try:
+        session.cleanup()
+    except RatsTlsError:
+        pass  # nothing more to free
+
+
+def _discard(session, sock):
+    """
+    In the reactor: free a negotiated session that will not be used, and
+    close its socket (non-blocking first: close_notify must not block).
+    """
+    try:
+        sock.setblocking(False)
+    except OSError:
+        pass
+    _cleanupQuietly(session)
+    sock.close()
+
+
+def _negotiate(budget, settings, sock, server):
+    """
+    In a worker: a new session (C{rats_tls_init}), negotiated on C{sock};
+    freed again if the handshake fails.
+    """
+    budget.check()
+    session = settings.session(server=server)
+    try:
+        budget.check()
+        handshake(sock, session, budget.seconds)
+    except BaseException:
+        _cleanupQuietly(session)
+        raise
+    return session
+
+
+def _serverSteps(budget, settings, sock):
+    """
+    In a worker: the accepting side's session on the accepted C{sock}.
+    """
+    return _negotiate(budget, settings, sock, server=True)
+
+
+def _clientSteps(budget, settings, host, port, connectTimeout):
+    """
+    In a worker: connect, then the connecting side's session.
+    """
+    budget.check()
+    sock = socket.create_connection((host, port), timeout=connectTimeout)
+    try:
+        budget.attach(sock)
+        return sock, _negotiate(budget, settings, sock, server=False)
+    except BaseException:
+        budget.detach()
+        sock.close()
+        raise
+
+
+def _submit(pool, function, *args, **kwargs):
+    """
+    C{pool.submit}, whose every failure to take the job is a L{HandshakeRefused}.
+    """
+    try:
+        return pool.submit(function, *args, **kwargs)
+    except Exception as e:
+        return defer.fail(HandshakeRefused(f"the handshake pool cannot run the handshake: {e!r}"))
 
 
 class RatsTlsSettings:
@@ -82,57 +140,95 @@ class RatsTlsSettings:
         return self.library.session(replace(self.config, server=server))
 
 
-def _connect(host, port, timeout):
-    return socket.create_connection((host, port), timeout=timeout)
-
-
 @implementer(IStreamClientEndpoint)
 class RatsTlsClientEndpoint:
     """
-    Connect to C{host}:C{port} and negotiate rats-tls, as the client.
+    Connect to C{host}:C{port} and negotiate rats-tls, as the client; the
+    connect, the session and the handshake run in C{pool} (by default one
+    of the endpoint's own) within C{handshakeTimeout} seconds in all.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, host, port, settings, timeout=10.0, leg="rats-tls", onHandshakeFailed=None):
+    def __init__(
+        self,
+        reactor,
+        host,
+        port,
+        settings,
+        timeout=10.0,
+        leg="rats-tls",
+        onHandshakeFailed=None,
+        handshakeTimeout=HANDSHAKE_TIMEOUT,
+        pool=None,
+    ):
         self.reactor = reactor
         self.host = host
         self.port = port
         self.settings = settings
         self.timeout = timeout
         self.leg = leg
-        # Called with no arguments after each failed handshake, to count it.
+        # Called with the kind (FAILED, BUSY) of each failed handshake, to count it.
         self.onHandshakeFailed = onHandshakeFailed
+        self.handshakeTimeout = handshakeTimeout
+        self.pool = pool
 
     def __repr__(self):
         return f"rats-tls {self.host}:{self.port}"
 
+    def _pool(self):
+        if self.pool is None:
+            self.pool = HandshakePool(self.reactor, name=f"rats-tls connect {self.host}:{self.port}")
+        return self.pool
+
+    def _failed(self, kind, reason):
+        if self.onHandshakeFailed is not None:
+            self.onHandshakeFailed(kind)
+        peer = f"{self.host}:{self.port}"
+        self.log.error(
+            "{leg} leg: rats-tls handshake with {peer} failed: {reason}", leg=self.leg, peer=peer, reason=reason
+        )
+        return error.ConnectError(peer, f"rats-tls handshake failed: {reason}")
+
     @defer.inlineCallbacks
     def connect(self, protocolFactory):
-        name = f"rats-tls connect {self.host}:{self.port}"
+        peer = f"{self.host}:{self.port}"
+        budget = Budget(self.reactor, self.handshakeTimeout, peer)
         try:
-            sock = yield inThread(self.reactor, name, _connect, self.host, self.port, self.timeout)
-        except OSError as e:
-            raise error.ConnectError(f"{self.host}:{self.port}", e.strerror or str(e))
-        try:
-            session = self.settings.session(server=False)
-            yield inThread(self.reactor, name, handshake, sock, session)
-        except RatsTlsError as e:
-            sock.close()
-            if self.onHandshakeFailed is not None:
-                self.onHandshakeFailed()
-            self.log.error(
-                "{leg} leg: rats-tls handshake with {peer} failed: {reason}",
-                leg=self.leg,
-                peer=f"{self.host}:{self.port}",
-                reason=str(e),
+            sock, session = yield _submit(
+                self._pool(),
+                _clientSteps,
+                budget,
+                self.settings,
+                self.host,
+                self.port,
+                min(self.timeout, self.handshakeTimeout),
+                onCancel=budget.cancel,
+                onLate=lambda result: _discard(result[1], result[0]),
             )
-            raise error.ConnectError(f"{self.host}:{self.port}", f"rats-tls handshake failed: {e}")
-        transport = RatsTlsTransport(self.reactor, sock, session, self.leg)
+        except OSError as e:
+            budget.finish()
+            raise error.ConnectError(peer, e.strerror or str(e))
+        except HandshakeRefused as e:
+            budget.finish()
+            raise self._failed(BUSY, str(e))
+        except (RatsTlsError, HandshakeTimeout) as e:
+            raise self._failed(FAILED, budget.error() if budget.finish() else e)
+        except BaseException:
+            budget.finish()
+            raise
+        if budget.finish():
+            _discard(session, sock)
+            raise self._failed(FAILED, budget.error())
+        try:
+            transport = RatsTlsTransport(self.reactor, sock, session, self.leg)
+        except OSError as e:
+            _discard(session, sock)
+            raise self._failed(FAILED, f"the connection ended right after the handshake: {e.strerror or e}")
         protocol = protocolFactory.buildProtocol(transport.getPeer())
         if protocol is None:
-            transport.abortConnection()
-            raise error.ConnectError(f"{self.host}:{self.port}", "the factory refused the connection")
+            _discard(session, sock)
+            raise error.ConnectError(peer, "the factory refused the connection")
         transport.startWith(protocol)
         return protocol
 
@@ -145,53 +241,112 @@ class _Pending(Protocol):
 
 class _HandshakePort(tcp.Port):
     """
-    A TCP port whose accepted sockets go to a rats-tls handshake instead of
-    becoming TCP transports.
+    A TCP port whose accepted sockets go to a rats-tls handshake in C{pool}
+    instead of becoming TCP transports.
+
+    Anyone who reaches the port can make a handshake fail, so each failure
+    is counted, and logged at most once a minute per source and reason.
     """
 
     log = Logger()
 
-    def __init__(self, port, factory, settings, leg, interface, reactor, onHandshakeFailed=None):
+    def __init__(
+        self,
+        port,
+        factory,
+        settings,
+        leg,
+        interface,
+        reactor,
+        onHandshakeFailed=None,
+        handshakeTimeout=HANDSHAKE_TIMEOUT,
+        pool=None,
+    ):
         tcp.Port.__init__(self, port, _PendingFactory(), 50, interface, reactor)
         self.entFactory = factory
         self.settings = settings
         self.leg = leg
         self.onHandshakeFailed = onHandshakeFailed
+        self.handshakeTimeout = handshakeTimeout
+        self._ownPool = pool is None
+        self.pool = pool if pool is not None else HandshakePool(reactor, name=f"rats-tls accept {leg}")
+        self.logAllowed = OncePer(reactor)
 
     def transport(self, skt, protocol, addr, port, sessionno, reactor):
         """
         Called by L{tcp.Port.doRead} for each accepted socket.
         """
-        self._handshake(skt, addr)
+        self._accepted(skt, addr)
         return _NoTransport()
 
-    @defer.inlineCallbacks
-    def _handshake(self, sock, addr):
-        peer = f"{addr[0]}:{addr[1]}"
-        try:
-            session = self.settings.session(server=True)
-            yield inThread(self.reactor, f"rats-tls accept {peer}", handshake, sock, session)
-        except RatsTlsError as e:
-            sock.close()
-            if self.onHandshakeFailed is not None:
-                self.onHandshakeFailed()
-            self.log.error(
-                "{leg} leg: rats-tls handshake with {peer} failed, connection refused: {reason}",
-                leg=self.leg,
-                peer=peer,
-                reason=str(e),
-            )
+    def connectionLost(self, reason):
+        tcp.Port.connectionLost(self, reason)
+        if self._ownPool:
+            self.pool.stop()
+
+    def _accepted(self, sock, addr):
+        budget = Budget(self.reactor, self.handshakeTimeout, f"{addr[0]}:{addr[1]}")
+        budget.attach(sock)
+        d = _submit(self.pool, _serverSteps, budget, self.settings, sock)
+        d.addCallbacks(
+            self._negotiated, self._notNegotiated, callbackArgs=(sock, addr, budget), errbackArgs=(sock, addr, budget)
+        )
+        d.addErrback(self._unexpected, addr)
+        return d
+
+    def _negotiated(self, session, sock, addr, budget):
+        if budget.finish():
+            _discard(session, sock)
+            self._refused(addr, FAILED, "timeout", budget.error())
             return
         if not self.connected:
-            session.cleanup()
-            sock.close()
+            _discard(session, sock)
             return
-        transport = RatsTlsTransport(self.reactor, sock, session, self.leg)
+        try:
+            transport = RatsTlsTransport(self.reactor, sock, session, self.leg)
+        except OSError as e:
+            _discard(session, sock)
+            self._refused(addr, FAILED, "reset", f"the connection ended right after the handshake: {e.strerror or e}")
+            return
         protocol = self.entFactory.buildProtocol(transport.getPeer())
         if protocol is None:
-            transport.abortConnection()
+            _discard(session, sock)
             return
         transport.startWith(protocol)
+
+    def _notNegotiated(self, failure, sock, addr, budget):
+        expired = budget.finish()
+        sock.close()
+        if not self.connected:
+            return None
+        e = failure.value
+        if isinstance(e, HandshakeRefused):
+            self._refused(addr, BUSY, "busy", e)
+        elif expired:
+            self._refused(addr, FAILED, "timeout", budget.error())
+        elif isinstance(e, (RatsTlsError, HandshakeTimeout, OSError)):
+            self._refused(addr, FAILED, "failed", e)
+        else:
+            return failure
+        return None
+
+    def _unexpected(self, failure, addr):
+        if self.onHandshakeFailed is not None:
+            self.onHandshakeFailed(FAILED)
+        self.log.failure("{leg} leg: rats-tls connection from {peer} failed", failure, leg=self.leg, peer=addr[0])
+
+    def _refused(self, addr, kind, reason, detail):
+        if self.onHandshakeFailed is not None:
+            self.onHandshakeFailed(kind)
+        if self.logAllowed((addr[0], reason)):
+            self.log.error(
+                "{leg} leg: rats-tls handshake with {peer} failed, connection refused: {detail}"
+                " (logged once a minute per source and reason, all counted)",
+                leg=self.leg,
+                peer=f"{addr[0]}:{addr[1]}",
+                reason=reason,
+                detail=str(detail),
+            )
 
 
 class _PendingFactory:
@@ -216,16 +371,30 @@ class _NoTransport:
 class RatsTlsServerEndpoint:
     """
     Listen on TCP C{port} and negotiate rats-tls, as the server, with each
-    client before its protocol sees it.
+    client before its protocol sees it; the handshakes run in C{pool} (by
+    default one of the port's own, stopped with it), C{handshakeTimeout}
+    seconds each in all.
     """
 
-    def __init__(self, reactor, port, settings, interface="", leg="rats-tls", onHandshakeFailed=None):
+    def __init__(
+        self,
+        reactor,
+        port,
+        settings,
+        interface="",
+        leg="rats-tls",
+        onHandshakeFailed=None,
+        handshakeTimeout=HANDSHAKE_TIMEOUT,
+        pool=None,
+    ):
         self.reactor = reactor
         self.port = port
         self.settings = settings
         self.interface = interface
         self.leg = leg
         self.onHandshakeFailed = onHandshakeFailed
+        self.handshakeTimeout = handshakeTimeout
+        self.pool = pool
 
     def listen(self, protocolFactory):
         def start():
@@ -237,6 +406,8 @@ class RatsTlsServerEndpoint:
                 self.interface,
                 self.reactor,
                 self.onHandshakeFailed,
+                self.handshakeTimeout,
+                self.pool,
             )
             port.startListening()
             protocolFactory.doStart()

@@ -4,7 +4,8 @@ relay protocols run on it as on TCP; the endpoints that negotiate it are in
 L{ent.legs.ratsendpoints}.
 
 librats_tls has only blocking calls and negotiates only on a blocking fd,
-so the handshake runs in a thread of its own.  After it the fd is made
+so the handshake runs in a worker of a handshake pool
+(L{ent.legs.ratspool}).  After it the fd is made
 non-blocking and the reactor drives the session like any other socket:
 C{receive} when the fd is readable, C{transmit} when it is writable, each
 returning at once when the socket is not ready.  So one thread, the

@@ -34,13 +34,15 @@ class RatsTlsChoice:
 class LegSecurity:
     """
     C{kind} is "tcp", "tls" or "rats-tls"; C{peerName} is the name a
-    server's certificate must carry (TLS, connecting side only).
+    server's certificate must carry (TLS, connecting side only);
+    C{handshakeTimeout} bounds a whole handshake (--handshake-timeout).
     """
 
     kind: str = "tcp"
     tlsFiles: TlsFiles | None = None
     peerName: str | None = None
     ratsTls: RatsTlsChoice | None = None
+    handshakeTimeout: float = 10.0
 
 
 _libraries = {}
@@ -70,17 +72,18 @@ def ratsTlsSettings(choice):
     return RatsTlsSettings(_libraries[path], config)
 
 
-def _handshakeCounter(stats, leg, kind):
+def _handshakeCounter(stats, leg):
     if stats is None:
         return None
-    return lambda: stats.handshakeFailed(leg, kind)
+    return lambda kind: stats.handshakeFailed(leg, kind)
 
 
 def secureClient(reactor, endpoint, security, description, leg="rats-tls", stats=None):
     """
     The client endpoint of leg C{leg}, wrapped in its protection; failed
     connection attempts and rats-tls handshakes are counted in C{stats}
-    (failed TLS handshakes by the leg's protocol, which sees them).
+    (failed TLS handshakes by the leg's protocol, which sees them and
+    enforces the budget, L{ent.protocols.framed.FramedLeg.handshakeTimeout}).
     """
     if security.kind == "tls":
         endpoint = tls.clientTls(endpoint, security.tlsFiles, security.peerName)
@@ -96,7 +99,8 @@ def secureClient(reactor, endpoint, security, description, leg="rats-tls", stats
             port,
             ratsTlsSettings(security.ratsTls),
             leg=leg,
-            onHandshakeFailed=_handshakeCounter(stats, leg, "rats-tls"),
+            onHandshakeFailed=_handshakeCounter(stats, leg),
+            handshakeTimeout=security.handshakeTimeout,
         )
         description = f"{description} (rats-tls)"
     return DescribedEndpoint(endpoint, description, stats.leg(leg) if stats is not None else None)
@@ -118,6 +122,7 @@ def secureServer(reactor, endpoint, security, description, leg="rats-tls", stats
             ratsTlsSettings(security.ratsTls),
             interface=interface,
             leg=leg,
-            onHandshakeFailed=_handshakeCounter(stats, leg, "rats-tls"),
+            onHandshakeFailed=_handshakeCounter(stats, leg),
+            handshakeTimeout=security.handshakeTimeout,
         )
     return endpoint

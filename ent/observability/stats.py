@@ -12,6 +12,8 @@ from collections import Counter
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ent.observability.ratelimit import OncePer
+
 # Why something was dropped: the label of ent_dropped_total, and the
 # sentence the aggregated log line gives for it.
 DROP_REASONS = {
@@ -175,6 +177,8 @@ class ServiceStats:
         self.drops = DropReporter(clock, service)
         self.legs = {}
         self.handshakeFailures = Counter()
+        # Whether to log a failure a stranger caused (a failed handshake) now.
+        self.logAllowed = OncePer(clock)
         # Legs refused or closed by the policy, by (leg, reason); legs
         # closed for a new rats-tls handshake, by leg.
         self.refusals = Counter()

@@ -59,6 +59,10 @@ class FramedLeg(Protocol):
     # aborts the connection: a peer that reads nothing must not hold a
     # stopping process.
     closeTimeout = 1.0
+    # Seconds a TLS handshake may take from connectionMade, in all (a peer
+    # dripping bytes must not hold a connection); the services set it from
+    # --handshake-timeout.
+    handshakeTimeout = 10.0
     reading = True
 
     def __init__(self, stats, clock):
@@ -70,6 +74,8 @@ class FramedLeg(Protocol):
         self._completed = 0
         self._stallCheck = None
         self._abortCheck = None
+        self._handshakeCheck = None
+        self._handshakeExpired = False
 
     def peerName(self):
         peer = self.transport.getPeer() if self.transport else None
@@ -80,9 +86,27 @@ class FramedLeg(Protocol):
     def connectionMade(self):
         if not isTls(self.transport):
             self._becomeUp()
+        else:
+            self._handshakeCheck = self.clock.callLater(self.handshakeTimeout, self._handshakeTooLong)
 
     def handshakeCompleted(self):
+        self._cancelHandshakeCheck()
         self._becomeUp()
+
+    def _cancelHandshakeCheck(self):
+        if self._handshakeCheck is not None:
+            if self._handshakeCheck.active():
+                self._handshakeCheck.cancel()
+            self._handshakeCheck = None
+
+    def _handshakeTooLong(self):
+        """
+        The TLS handshake is not over within the budget: abort (counted and
+        logged as a failed handshake by L{connectionLost}).
+        """
+        self._handshakeCheck = None
+        self._handshakeExpired = True
+        self.transport.abortConnection()
 
     def _becomeUp(self):
         self.up = True
@@ -204,6 +228,7 @@ class FramedLeg(Protocol):
 
     def connectionLost(self, reason):
         self._cancelStallCheck()
+        self._cancelHandshakeCheck()
         if self._abortCheck is not None:
             self._abortCheck.cancel()
             self._abortCheck = None
@@ -216,12 +241,20 @@ class FramedLeg(Protocol):
             self.legDown(reason)
         else:
             self.stats.handshakeFailed(self.leg, "tls")
-            self.log.error(
-                "{leg} leg: TLS handshake with {peer} failed, connection refused: {reason}",
-                leg=self.leg,
-                peer=self.peerName(),
-                reason=reason.getErrorMessage(),
-            )
+            peer = self.peerName()
+            why = "timeout" if self._handshakeExpired else "failed"
+            if self.stats.logAllowed((self.leg, peer.rpartition(":")[0], why)):
+                self.log.error(
+                    "{leg} leg: TLS handshake with {peer} failed, connection refused: {reason}"
+                    " (logged once a minute per source and reason, all counted)",
+                    leg=self.leg,
+                    peer=peer,
+                    reason=(
+                        f"not done within {self.handshakeTimeout:g}s"
+                        if self._handshakeExpired
+                        else reason.getErrorMessage()
+                    ),
+                )
 
     def legUp(self):
         raise NotImplementedError()

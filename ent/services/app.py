@@ -8,11 +8,21 @@ from ent.services.reload import ReloadOnHangup
 from ent.services.startup import FD_RESERVE, _built, guarded, legsWithinFileLimit, raiseFileLimit
 
 
+def _handshakeBudget(options):
+    """
+    --handshake-timeout for the TLS legs, whose protocol enforces it.
+    """
+    from ent.protocols.framed import FramedLeg
+
+    FramedLeg.handshakeTimeout = options.get("handshake-timeout", FramedLeg.handshakeTimeout)
+
+
 def makeAgentService(options, reactor):
     from ent.observability.stats import ServiceStats
     from ent.services.agent import AgentService
 
     def build():
+        _handshakeBudget(options)
         stats = ServiceStats("enta", reactor)
         endpoint = secureClient(
             reactor,
@@ -39,6 +49,7 @@ def makeGatewayService(options, reactor):
     from ent.services.gateway import GatewayService
 
     def build():
+        _handshakeBudget(options)
         stats = ServiceStats("entg", reactor)
         peers = [
             (

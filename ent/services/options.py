@@ -82,6 +82,22 @@ def _number(options, name):
     return parseNumber(options[name], f"--{name}")
 
 
+def _seconds(options, name):
+    """
+    The positive number of seconds that option C{name} gives (decimals allowed).
+    """
+    text = options[name]
+    if isinstance(text, str) and re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+        value = float(text)
+    elif isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        raise ConfigurationError(f"--{name} {text!r} is not a number of seconds")
+    if value <= 0:
+        raise ConfigurationError(f"--{name} {text!r} must be more than 0 seconds")
+    return value
+
+
 def _checkReadable(path, what):
     """
     Refuse a file that cannot be read now, rather than at the first connection.
@@ -214,6 +230,12 @@ class SecurityOptions(ObservabilityOptions):
             str(DEFAULT_REATTEST),
             "rats-tls: re-handshake each leg when it reaches this age in seconds, spread out (0: never).",
         ],
+        [
+            "handshake-timeout",
+            None,
+            "10",
+            "TLS and rats-tls: seconds a whole handshake may take, from accept or connect (more than 0).",
+        ],
     ]
     optFlags = [["mutual", None, "rats-tls: both sides attest (the accepting side verifies the connecting one too)."]]
 
@@ -241,13 +263,15 @@ class SecurityOptions(ObservabilityOptions):
     def checkPolicy(self):
         """
         Load --policy now, so that a wrong key is refused with its file and
-        line before anything starts; check --reattest and --claim.
+        line before anything starts; check --reattest, --claim and
+        --handshake-timeout.
         """
         from ent.legs.policy import loadPolicy
 
         self.setdefault("claims", [])
         self["claims"] = tuple(self["claims"])
         self["reattest"] = _number(self, "reattest")
+        self["handshake-timeout"] = _seconds(self, "handshake-timeout")
         if self["reattest"] < 0:
             raise ConfigurationError(f"--reattest {self['reattest']} is negative (0 turns re-attestation off)")
         self["policy-rules"] = None
@@ -312,23 +336,24 @@ class SecurityOptions(ObservabilityOptions):
         """
         if self[f"{leg}-tls"] and self[f"{leg}-rats-tls"]:
             raise ConfigurationError(f"--{leg}-tls and --{leg}-rats-tls exclude each other")
+        budget = _seconds(self, "handshake-timeout")
         if self[f"{leg}-rats-tls"]:
             if connect is not None and hostOf(connect) is None:
                 raise ConfigurationError(f"--{leg}-rats-tls needs HOST:PORT, not {connect!r}")
             if listen is not None and not isPlainListen(listen):
                 raise ConfigurationError(f"--{leg}-rats-tls needs PORT or ADDR:PORT to listen on, not {listen!r}")
-            return LegSecurity("rats-tls", ratsTls=self.ratsTls(server=connect is None))
+            return LegSecurity("rats-tls", ratsTls=self.ratsTls(server=connect is None), handshakeTimeout=budget)
         if not self[f"{leg}-tls"]:
-            return LegSecurity("tcp")
+            return LegSecurity("tcp", handshakeTimeout=budget)
         files = self.tlsFiles()
         if connect is None:
-            return LegSecurity("tls", tlsFiles=files)
+            return LegSecurity("tls", tlsFiles=files, handshakeTimeout=budget)
         name = self[nameOption] or hostOf(connect)
         if self[nameOption] is not None and not re.fullmatch(r"\S+", name):
             raise ConfigurationError(f"--{nameOption} {name!r} is not a DNS name or an IP address")
         if name is None:
             raise ConfigurationError(f"give --{nameOption}: the peer's name cannot be taken from {connect!r}")
-        return LegSecurity("tls", tlsFiles=files, peerName=name)
+        return LegSecurity("tls", tlsFiles=files, peerName=name, handshakeTimeout=budget)
 
 
 class EntaOptions(SecurityOptions):
