@@ -329,7 +329,9 @@ class FairnessTests(unittest.TestCase):
             self.assertEqual(sent, back)
             self.assertLess(stuck, 2 * alone, f"B's p50 {stuck:.0f} µs with A stuck, {alone:.0f} µs without A")
             dropped = heldBack()
-            print(f"\nfairness: B p50 {alone:.0f} us alone, {stuck:.0f} us with A stuck; held back from A: {dropped:.0f}")
+            print(
+                f"\nfairness: B p50 {alone:.0f} us alone, {stuck:.0f} us with A stuck; held back from A: {dropped:.0f}"
+            )
 
 
 def _resume(pid):

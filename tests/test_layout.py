@@ -19,7 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (layer, the files and folders of ent/ in it, the layers it may use besides
 # its own), lowest first. A layer may use only layers listed before it.
 LAYERS = (
-    ("basics", ("ent/__init__.py", "ent/errors.py", "ent/cli.py", "ent/flow.py", "ent/eventloop.py"), ()),
+    (
+        "basics",
+        ("ent/__init__.py", "ent/errors.py", "ent/cli.py", "ent/flow.py", "ent/eventloop.py", "ent/ratelimit.py"),
+        (),
+    ),
     ("legs", ("ent/legs/", "ent/ratstls.py"), ("basics",)),
     ("observability", ("ent/observability/",), ("basics", "legs")),
     ("hostconfig", ("ent/hostconfig/",), ("basics",)),

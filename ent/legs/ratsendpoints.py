@@ -21,7 +21,7 @@ from zope.interface import implementer
 from ent.errors import HandshakeRefused, HandshakeTimeout, RatsTlsError
 from ent.legs.ratspool import Budget, HandshakePool
 from ent.legs.ratstransport import RatsTlsTransport
-from ent.observability.ratelimit import OncePer
+from ent.ratelimit import OncePer
 
 #: Default budget of a whole handshake (--handshake-timeout); each socket
 #: call also has it as a kernel timeout, a backstop.

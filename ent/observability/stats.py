@@ -12,7 +12,7 @@ from collections import Counter
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ent.observability.ratelimit import OncePer
+from ent.ratelimit import OncePer
 
 # Why something was dropped: the label of ent_dropped_total, and the
 # sentence the aggregated log line gives for it.

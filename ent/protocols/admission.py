@@ -21,7 +21,7 @@ from ent.errors import PolicyError
 from ent.legs.identity import peerIdentities
 from ent.legs.policy import LegFacts, Refusal, loadPolicy
 from ent.legs.tls import isTls
-from ent.observability.ratelimit import OncePer
+from ent.ratelimit import OncePer
 
 
 def legFacts(transport, role):

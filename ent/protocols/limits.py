@@ -22,7 +22,7 @@ from collections import Counter, OrderedDict
 
 from twisted.logger import Logger
 
-from ent.observability.ratelimit import OncePer
+from ent.ratelimit import OncePer
 
 DEFAULT_MAX_LEGS = 4096
 DEFAULT_MAX_LEGS_PER_SOURCE = 64

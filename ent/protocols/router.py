@@ -63,11 +63,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ent.legs.policy import allowedIpsPolicy
-from ent.observability.ratelimit import OncePer
 from ent.observability.stats import DROP_REASONS
 from ent.protocols.framing import HEADER, HEADER_SIZE
 from ent.protocols.packets import ANNOUNCE_SIZE, isAnnouncement
 from ent.protocols.writethrough import writeThrough
+from ent.ratelimit import OncePer
 
 OTHER = {"agent": "peer", "peer": "agent"}
 
