@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 
-from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet import defer, error, protocol, reactor, task, threads
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -27,6 +27,9 @@ from ent.protocols.framed import FramedLeg
 from tests.checks import tempDir
 from tests.ratstlsmock import library_under_test
 from tests.test_ratstransport import Collector, CollectorFactory, closeAll, timeout
+
+# A TLS record of 100 bytes: the first of a ClientHello said to be 1000.
+PARTIAL_CLIENT_HELLO = b"\x16\x03\x01\x00\x64" + b"\x01\x00\x03\xe8" + bytes(96)
 
 
 class RecordingLibrary:
@@ -131,9 +134,16 @@ class RatsAcceptTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         return port
 
-    def rawClient(self, port):
+    def rawClient(self, port, hello=True):
+        """
+        A client that starts a handshake and never finishes it: its first
+        TLS record (what the port waits for before a worker takes it) holds
+        the start of a ClientHello that says it is 1000 bytes long.
+        """
         sock = socket.create_connection(("127.0.0.1", port.getHost().port))
         self.addCleanup(sock.close)
+        if hello:
+            sock.sendall(PARTIAL_CLIENT_HELLO)
         return sock
 
     def client(self, port, settings, **kwargs):
@@ -229,6 +239,48 @@ class RatsAcceptTests(unittest.TestCase):
         server = yield timeout(self.factory.first)
         yield timeout(server.made)
         self.addCleanup(closeAll, client, server)
+        self.assertEqual(self.failures("rats-tls-busy"), 0)
+
+    @defer.inlineCallbacks
+    def test_stallersBeforeTheirHelloTakeNoWorker(self):
+        """
+        200 connections that send part of a first TLS record and stall wait
+        in the reactor, not in the pool: with a single worker, a real
+        handshake is served at once; the stallers are cut at the budget,
+        and a peer that closes mid-record is let go at once.
+        """
+        from ent.legs import ratsendpoints
+
+        # All from one address here: let them all wait.
+        self.patch(ratsendpoints, "MAX_WAITING_HELLOS_PER_SOURCE", 1000)
+        _, settings = recordingSettings()
+        pool = HandshakePool(reactor, name="rats-tls stall pool", size=1, queue=0)
+        self.addCleanup(pool.stop)
+        port = yield self.listen(settings, pool=pool, budget=3.0)
+
+        def connectAll():
+            # In a thread: the reactor accepts meanwhile.
+            socks = [self.rawClient(port, hello=False) for _ in range(200)]
+            for sock in socks:
+                sock.sendall(PARTIAL_CLIENT_HELLO[:3])
+            return socks
+
+        stallers = yield threads.deferToThread(connectAll)
+        closing = self.rawClient(port, hello=False)
+        closing.sendall(PARTIAL_CLIENT_HELLO[:40])
+        closing.close()
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        started = time.monotonic()
+        client = yield timeout(self.client(port, settings).connect(protocol.Factory.forProtocol(Collector)))
+        server = yield timeout(self.factory.first)
+        yield timeout(server.made)
+        self.addCleanup(closeAll, client, server)
+        self.assertLess(time.monotonic() - started, 1.0)
+        yield waitUntil(lambda: self.failures() >= 1, "the one that closed mid-record is let go")
+        self.assertEqual(self.failures(), 1, [line["detail"] for line in self.lines])
+        self.assertLessEqual(pool.workers, 1, "no staller holds a worker")
+        yield waitUntil(lambda: self.failures() == 201, "the stallers cut at the budget", seconds=10)
+        self.assertTrue(closedByPeer(stallers[0], 2))
         self.assertEqual(self.failures("rats-tls-busy"), 0)
 
     @defer.inlineCallbacks

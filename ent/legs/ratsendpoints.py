@@ -9,8 +9,11 @@ within one L{Budget} for the whole handshake; after it the reactor alone
 drives the session (L{ent.legs.ratstransport}).
 """
 
+import fcntl
 import socket
 import struct
+import termios
+from collections import Counter, OrderedDict
 
 from twisted.internet import defer, error, tcp
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
@@ -19,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ent.errors import HandshakeRefused, HandshakeTimeout, RatsTlsError
+from ent.legs.endpoints import LISTEN_BACKLOG
 from ent.legs.ratspool import Budget, HandshakePool
 from ent.legs.ratstransport import RatsTlsTransport
 from ent.ratelimit import OncePer
@@ -32,6 +36,83 @@ HANDSHAKE_TIMEOUT = 10.0
 #: resets right after it included).
 BUSY = "rats-tls-busy"
 FAILED = "rats-tls"
+
+#: Accepted connections waiting in the reactor for their first TLS record
+#: (the ClientHello), in all and per source: beyond, the oldest is closed.
+MAX_WAITING_HELLOS = 1024
+MAX_WAITING_HELLOS_PER_SOURCE = 64
+# A TLS record: type 22 (handshake), version, 2-byte length.
+_TLS_HANDSHAKE = 22
+_RECORD_HEADER = 5
+_MAX_RECORD = 16384 + 2048
+
+
+class _HelloWait:
+    """
+    An accepted connection held in the reactor until its whole first TLS
+    record (the ClientHello) has arrived, so that a connection that sends
+    part of one and stalls costs a file descriptor, never a handshake
+    thread: the pool's workers only see peers that have spoken.
+
+    The kernel wakes the reactor only once that many bytes are queued
+    (C{SO_RCVLOWAT}), so a slow sender costs no busy loop either.
+    """
+
+    def __init__(self, port, sock, addr, budget):
+        self.port = port
+        self.sock = sock
+        self.addr = addr
+        self.budget = budget
+        self._lowat = 1
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return "rats-tls hello"
+
+    def connectionLost(self, reason):
+        pass
+
+    def doRead(self):
+        if self.budget.expired:
+            self.budget.finish()
+            self.port._helloFailed(self, "timeout", self.budget.error())
+            return
+        try:
+            head = self.sock.recv(_RECORD_HEADER, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.port._helloFailed(self, "failed", f"the connection broke before its ClientHello: {e.strerror or e}")
+            return
+        if not head:
+            expired = self.budget.finish()
+            reason = "timeout" if expired else "failed"
+            detail = self.budget.error() if expired else "closed before its ClientHello"
+            self.port._helloFailed(self, reason, detail)
+            return
+        if head[0] != _TLS_HANDSHAKE:
+            self.port._helloFailed(self, "failed", "it does not speak TLS")
+            return
+        want = _RECORD_HEADER
+        if len(head) == _RECORD_HEADER:
+            want += int.from_bytes(head[3:5], "big")
+            if want > _RECORD_HEADER + _MAX_RECORD:
+                self.port._helloFailed(self, "failed", "its first TLS record is larger than TLS allows")
+                return
+        queued = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        if len(head) == _RECORD_HEADER and queued >= want:
+            self.port._helloArrived(self)
+            return
+        if queued < self._lowat:
+            # Woken with less than asked for: the peer closed (or broke)
+            # in the middle of its first record.
+            self.port._helloFailed(self, "failed", "closed in the middle of its ClientHello")
+            return
+        if want != self._lowat:
+            self._lowat = want
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
 
 
 def _setSocketTimeouts(sock, seconds):
@@ -262,7 +343,7 @@ class _HandshakePort(tcp.Port):
         handshakeTimeout=HANDSHAKE_TIMEOUT,
         pool=None,
     ):
-        tcp.Port.__init__(self, port, _PendingFactory(), 50, interface, reactor)
+        tcp.Port.__init__(self, port, _PendingFactory(), LISTEN_BACKLOG, interface, reactor)
         self.entFactory = factory
         self.settings = settings
         self.leg = leg
@@ -271,6 +352,9 @@ class _HandshakePort(tcp.Port):
         self._ownPool = pool is None
         self.pool = pool if pool is not None else HandshakePool(reactor, name=f"rats-tls accept {leg}")
         self.logAllowed = OncePer(reactor)
+        # Connections waiting for their ClientHello, oldest first.
+        self.waiting = OrderedDict()
+        self._waitingBySource = Counter()
 
     def transport(self, skt, protocol, addr, port, sessionno, reactor):
         """
@@ -281,12 +365,58 @@ class _HandshakePort(tcp.Port):
 
     def connectionLost(self, reason):
         tcp.Port.connectionLost(self, reason)
+        for wait in list(self.waiting):
+            self._stopWaiting(wait)
+            wait.budget.finish()
+            wait.sock.close()
         if self._ownPool:
             self.pool.stop()
 
     def _accepted(self, sock, addr):
         budget = Budget(self.reactor, self.handshakeTimeout, f"{addr[0]}:{addr[1]}")
         budget.attach(sock)
+        source = addr[0]
+        if self._waitingBySource[source] >= MAX_WAITING_HELLOS_PER_SOURCE:
+            self._evictWaiting(next(w for w in self.waiting if w.addr[0] == source))
+        elif len(self.waiting) >= MAX_WAITING_HELLOS:
+            self._evictWaiting(next(iter(self.waiting)))
+        # Peeked at from the reactor; the handshake makes it blocking again.
+        sock.setblocking(False)
+        wait = _HelloWait(self, sock, addr, budget)
+        self.waiting[wait] = None
+        self._waitingBySource[source] += 1
+        self.reactor.addReader(wait)
+        # Whatever is already queued is looked at now.
+        wait.doRead()
+
+    def _stopWaiting(self, wait):
+        if wait not in self.waiting:
+            return False
+        del self.waiting[wait]
+        self.reactor.removeReader(wait)
+        source = wait.addr[0]
+        self._waitingBySource[source] -= 1
+        if not self._waitingBySource[source]:
+            del self._waitingBySource[source]
+        return True
+
+    def _evictWaiting(self, wait):
+        self._helloFailed(wait, "busy", "closed to make room: too many connections wait for their ClientHello")
+
+    def _helloFailed(self, wait, reason, detail):
+        if not self._stopWaiting(wait):
+            return
+        wait.budget.finish()
+        wait.sock.close()
+        self._refused(wait.addr, BUSY if reason == "busy" else FAILED, reason, detail)
+
+    def _helloArrived(self, wait):
+        if not self._stopWaiting(wait):
+            return
+        wait.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        self._handshake(wait.sock, wait.addr, wait.budget)
+
+    def _handshake(self, sock, addr, budget):
         d = _submit(self.pool, _serverSteps, budget, self.settings, sock)
         d.addCallbacks(
             self._negotiated, self._notNegotiated, callbackArgs=(sock, addr, budget), errbackArgs=(sock, addr, budget)
