@@ -158,8 +158,11 @@ class AgentService(MultiService):
                 role=o["role"],
             )
             return
-        record = netfilter.AgentRecord(policy.get("table"), policy.get("priority"), gatewayPort)
-        plan = netfilter.AgentPlan(name, str(interface.ip), mappings, o.get("exposures", ()), record, captureFrom)
+        zone = netfilter.chooseZone(name, netfilter.records())
+        record = netfilter.AgentRecord(policy.get("table"), policy.get("priority"), gatewayPort, zone)
+        plan = netfilter.AgentPlan(
+            name, str(interface.ip), mappings, o.get("exposures", ()), record, captureFrom, str(interface.network)
+        )
         self._undo.append(lambda: netfilter.remove(name))
         netfilter.install(plan)
         self.guard = TableGuard(name, self.stats, self.reactor, failClosed=bool(mappings))
