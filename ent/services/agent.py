@@ -151,7 +151,8 @@ class AgentService(MultiService):
             # ENG's plain agent: the host's own routes decide what enters.
             self.log.info(
                 "TUN {tun} up as {address}, mtu {mtu}; bare endpoint: no rules, "
-                "it carries whatever is routed into {tun}",
+                "it carries whatever is routed into {tun}, and every listener of this host "
+                "is reachable through the tunnel",
                 tun=name,
                 address=str(interface),
                 mtu=o["mtu"],
