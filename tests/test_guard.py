@@ -20,6 +20,7 @@ COUNTERS = {
         {"metainfo": {"version": "1.0.6"}},
         {"counter": {"family": "ip", "name": "input_dropped", "table": "ent_tun0", "packets": 3, "bytes": 180}},
         {"counter": {"family": "ip", "name": "forward_dropped", "table": "ent_tun0", "packets": 0, "bytes": 0}},
+        {"counter": {"family": "ip", "name": "spoofed_dropped", "table": "ent_tun0", "packets": 2, "bytes": 80}},
     ]
 }
 
@@ -56,7 +57,7 @@ class TableGuardTests(unittest.TestCase):
             return [json.loads(line) for line in f]
 
     def test_dropCounts(self):
-        self.assertEqual(dropCounts(json.dumps(COUNTERS)), {"input": 3, "forward": 0})
+        self.assertEqual(dropCounts(json.dumps(COUNTERS)), {"input": 3, "forward": 0, "spoofed": 2})
         self.assertEqual(dropCounts(""), {})
 
     def test_gatewaySwitchesInOrder(self):
@@ -86,6 +87,6 @@ class TableGuardTests(unittest.TestCase):
 
         def check(_):
             self.assertEqual(self.calls(), [["-j", "list", "counters", "table", "ip", "ent_tun0"]])
-            self.assertEqual(self.stats.tunnelDrops, {"input": 3, "forward": 0})
+            self.assertEqual(self.stats.tunnelDrops, {"input": 3, "forward": 0, "spoofed": 2})
 
         return settled(guard).addCallback(check)

@@ -37,7 +37,7 @@ class RulePlanTests(unittest.TestCase):
         rules = netfilter.rulesFor(capture((7,)))
         self.assertIn("type nat hook output priority -100", rules)
         self.assertIn('oifname "tun0" tcp dport 7 dnat to 192.168.0.254:6978', rules)
-        self.assertNotIn("prerouting", rules)
+        self.assertNotIn("type nat hook prerouting", rules)
 
     def test_captureSeveralPortsUsesASet(self):
         self.assertIn("tcp dport { 7, 80 } dnat", netfilter.rulesFor(capture((7, 80))))
@@ -46,7 +46,7 @@ class RulePlanTests(unittest.TestCase):
         rules = netfilter.rulesFor(replay(7))
         self.assertIn("type nat hook prerouting priority -100", rules)
         self.assertIn('iifname "tun0" tcp dport 6978 redirect to :7', rules)
-        self.assertNotIn("hook output", rules)
+        self.assertNotIn("type nat hook output", rules)
 
     def test_installReplacesStaleTableAtomically(self):
         """
@@ -77,9 +77,9 @@ class RulePlanTests(unittest.TestCase):
         self.assertIn("--tun-name 'tun@1': nftables cannot name a table after it", str(e))
 
     def test_recordRoundTripsThroughTheComment(self):
-        record = netfilter.AgentRecord(6979, 6980, 6981)
+        record = netfilter.AgentRecord(6979, 6980, 6981, 7003)
         self.assertIn(
-            'comment "ent-agent route-table=6979 priority=6980 gateway-port=6981"',
+            'comment "ent-agent route-table=6979 priority=6980 gateway-port=6981 zone=7003"',
             netfilter.rulesFor(capture((7,), record)),
         )
         self.assertEqual(netfilter.AgentRecord.fromComment(record.comment()), record)
@@ -107,7 +107,7 @@ class ServiceRulesTests(unittest.TestCase):
                 'oifname "tun0" tcp dport 7 dnat to 192.168.0.254:7',
             ],
         )
-        self.assertNotIn("prerouting", rules)
+        self.assertNotIn("type nat hook prerouting", rules)
 
     def test_clientAcceptsNothingNewFromTheTunnel(self):
         rules = netfilter.rulesFor(capture((7,)))
@@ -184,3 +184,50 @@ class ServiceRulesTests(unittest.TestCase):
             down.split("; "),
             ["flush chain ip ent_tun0 fail_closed"] + [f"add rule ip ent_tun0 fail_closed {rule}" for rule in refuse],
         )
+
+
+class SpoofingRulesTests(unittest.TestCase):
+    """
+    Before conntrack: spoofed sources from the TUN dropped and counted, the
+    rest in the agent's own conntrack zone, both ways.
+    """
+
+    def test_spoofedSourcesDroppedBeforeConntrack(self):
+        plan = netfilter.AgentPlan("tun0", "192.168.7.1", (), (parseExposure("7"),), tunNetwork="192.168.7.0/24")
+        rules = netfilter.rulesFor(plan)
+        self.assertIn("type filter hook prerouting priority -300", rules)
+        self.assertEqual(
+            lines(rules, "raw_prerouting")[:2],
+            [
+                'iifname "tun0" ip saddr != 192.168.7.0/24 counter name "spoofed_dropped" drop',
+                'iifname "tun0" fib saddr . iif oif missing counter name "spoofed_dropped" drop',
+            ],
+        )
+        self.assertIn("counter spoofed_dropped { }", rules)
+
+    def test_bothDirectionsInTheAgentsZone(self):
+        rules = netfilter.rulesFor(capture((7,), netfilter.AgentRecord(zone=7003)))
+        self.assertEqual(lines(rules, "raw_prerouting")[2:], ['iifname "tun0" ct zone set 7003'])
+        self.assertEqual(lines(rules, "raw_output"), ['oifname "tun0" ct zone set 7003'])
+        self.assertIn("type filter hook output priority -300", rules)
+
+    def test_forwardedExposureStaysInTheHostsZone(self):
+        """
+        Its replies come back by another interface, in the host's zone.
+        """
+        plan = netfilter.AgentPlan("tun0", "192.168.0.254", (), (parseExposure("443=10.9.0.5:8443"),))
+        self.assertEqual(
+            lines(netfilter.rulesFor(plan), "raw_prerouting")[2:],
+            ['iifname "tun0" ip daddr 192.168.0.254 tcp dport 443 return', 'iifname "tun0" ct zone set 6978'],
+        )
+
+    def test_capturedFromAnInterfaceInTheZone(self):
+        plan = netfilter.AgentPlan("tun0", "192.168.0.1", (parseMapping("7=192.168.0.254:7"),), captureFrom=("vc",))
+        self.assertIn('iifname "vc" tcp dport 7 ct zone set 6978', lines(netfilter.rulesFor(plan), "raw_prerouting"))
+
+    def test_zoneFromTheIfindexNotAnothersAgents(self):
+        records = {"tun1": netfilter.AgentRecord(zone=6978 + 5), "tun0": netfilter.AgentRecord(zone=6978 + 6)}
+        self.assertEqual(netfilter.chooseZone("tun0", {}, ifindex=5), 6978 + 5)
+        self.assertEqual(netfilter.chooseZone("tun0", records, ifindex=5), 6978 + 6, "its own stale zone is free")
+        self.assertEqual(netfilter.chooseZone("tun2", records, ifindex=5), 6978 + 7)
+        self.assertEqual(netfilter.chooseZone("tun0", {}, ifindex=netfilter.ZONE_SLOTS + 2), 6978 + 2)

@@ -20,9 +20,26 @@ def _disableIpv6(name):
         pass  # IPv6 is off in this kernel or namespace already
 
 
+def _strictReversePath(name):
+    """
+    Strict reverse-path filtering on the TUN: the kernel drops what arrives
+    from the tunnel from a source it would not route back into it.  The
+    kernel applies the larger of conf.all and conf.<tun>, so a host with
+    conf.all.rp_filter=2 (loose) stays loose; the agent's table checks the
+    same in nftables whatever the host says.  The setting goes with the TUN.
+    """
+    path = f"/proc/sys/net/ipv4/conf/{name}/rp_filter"
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as e:
+        raise TunError(f"cannot configure {name}: {path}: {e.strerror}")
+
+
 def configureTun(name, address, prefixlen, mtu):
     """
-    Give the TUN its address and MTU and bring it up.
+    Give the TUN its address and MTU, strict reverse-path filtering, and
+    bring it up.
     """
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
@@ -34,6 +51,7 @@ def configureTun(name, address, prefixlen, mtu):
             if not found:
                 raise TunError(f"cannot configure {name}: no such interface")
             (index,) = found
+            _strictReversePath(name)
             ipr.link("set", index=index, mtu=mtu)
             ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")

@@ -8,6 +8,7 @@ never touching the user's rules.
 
 import json
 import re
+import socket
 import subprocess
 from dataclasses import dataclass, field
 
@@ -30,8 +31,14 @@ class AgentRecord:
     routeTable: int = None
     priority: int = None
     gatewayPort: int = None
+    zone: int = None
 
-    _FIELDS = (("route-table", "routeTable"), ("priority", "priority"), ("gateway-port", "gatewayPort"))
+    _FIELDS = (
+        ("route-table", "routeTable"),
+        ("priority", "priority"),
+        ("gateway-port", "gatewayPort"),
+        ("zone", "zone"),
+    )
 
     def comment(self):
         pairs = [f"{key}={getattr(self, name)}" for key, name in self._FIELDS if getattr(self, name) is not None]
@@ -51,10 +58,11 @@ class AgentPlan:
     Everything an agent asks of netfilter: its C{mappings} (client side,
     L{ent.services.Mapping}) sent into the TUN, its C{exposures} (server
     side, L{ent.services.Exposure}) handed to their services, and
-    containment: from the TUN only exposed services, ICMP echo to
-    C{tunAddress} and replies to what this host opened are accepted; the
-    rest is dropped and counted.  C{captureFrom} names interfaces whose
-    routed connections are captured too.
+    containment: from the TUN only sources of C{tunNetwork} that route
+    back into it, and of those only exposed services, ICMP echo to
+    C{tunAddress} and replies to what went through the TUN are accepted;
+    the rest is dropped and counted.  C{captureFrom} names interfaces
+    whose routed connections are captured too.
     """
 
     tunName: str
@@ -63,10 +71,22 @@ class AgentPlan:
     exposures: tuple = ()
     record: AgentRecord = field(default_factory=AgentRecord)
     captureFrom: tuple = ()
+    tunNetwork: str = "192.168.0.0/24"
+
+    @property
+    def zone(self):
+        return self.record.zone or ZONE_BASE
 
 
-# The named counters of the drops containment makes, by hook.
-DROP_COUNTERS = ("input_dropped", "forward_dropped")
+# The named counters of the drops containment makes, by hook: "spoofed"
+# counts sources outside the tunnel network or not routed back into the TUN.
+DROP_COUNTERS = ("input_dropped", "forward_dropped", "spoofed_dropped")
+
+# Each agent's conntrack zone, so that nothing from its TUN meets a
+# connection that did not go through it: one of ZONE_SLOTS numbers from
+# ZONE_BASE, away from the small ones a user's own rules tend to take.
+ZONE_BASE = 6978
+ZONE_SLOTS = 50000
 
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -82,6 +102,22 @@ def tableName(tunName):
             f"--tun-name {tunName!r}: nftables cannot name a table after it; use letters, digits, '_', '-' and '.'"
         )
     return "ent_" + tunName
+
+
+def chooseZone(tunName, records, ifindex=None):
+    """
+    The conntrack zone of the agent on C{tunName}: from its TUN's ifindex,
+    which no other interface of the host has while it exists, passing over
+    the zones other agents' C{records} hold.
+    """
+    if ifindex is None:
+        ifindex = socket.if_nametoindex(tunName)
+    taken = {record.zone for name, record in records.items() if name != tunName}
+    for offset in range(ZONE_SLOTS):
+        zone = ZONE_BASE + (ifindex + offset) % ZONE_SLOTS
+        if zone not in taken:
+            return zone
+    raise NetfilterError(f"no free conntrack zone in {ZONE_BASE}-{ZONE_BASE + ZONE_SLOTS - 1}")
 
 
 def _portSet(ports):
@@ -101,10 +137,10 @@ def _grouped(items, key):
     return groups.items()
 
 
-def _mappingRules(plan, match):
+def _mappingRules(plan, match, action=None):
     """
-    The DNAT of each mapping; C{match} says where the packet comes from or
-    goes to.
+    The DNAT of each mapping (or C{action}); C{match} says where the packet
+    comes from or goes to.
     """
     lines = []
     specific = sorted(plan.mappings, key=lambda m: m.address is None)
@@ -112,9 +148,27 @@ def _mappingRules(plan, match):
         specific, lambda m: (m.proto, m.address, m.tunAddress, m.tunPort)
     ):
         destination = f"ip daddr {address} " if address else ""
-        lines.append(
-            f"{match} {destination}{proto} dport {_portSet([m.port for m in group])} dnat to {tunAddress}:{tunPort}"
-        )
+        verdict = action or f"dnat to {tunAddress}:{tunPort}"
+        lines.append(f"{match} {destination}{proto} dport {_portSet([m.port for m in group])} {verdict}")
+    return lines
+
+
+def _zoneRules(plan):
+    """
+    Raw prerouting, before conntrack: drop spoofed sources from the TUN,
+    then put what comes from it into the agent's zone.  A connection
+    forwarded to another host (--expose TUNPORT=HOST:PORT) stays in the
+    host's zone, where its replies arrive, by another interface; one
+    captured from an interface (--capture-from) is put in the zone on its
+    way in, as its replies come from the TUN.
+    """
+    tun = f'iifname "{plan.tunName}"'
+    spoofed = 'counter name "spoofed_dropped" drop'
+    lines = [f"{tun} ip saddr != {plan.tunNetwork} {spoofed}", f"{tun} fib saddr . iif oif missing {spoofed}"]
+    lines += [f"{tun} ip daddr {plan.tunAddress} {e.proto} dport {e.tunPort} return" for e in plan.exposures if e.host]
+    lines.append(f"{tun} ct zone set {plan.zone}")
+    for interface in plan.captureFrom:
+        lines += _mappingRules(plan, f'iifname "{interface}"', f"ct zone set {plan.zone}")
     return lines
 
 
@@ -191,6 +245,8 @@ def rulesFor(plan):
     tun = plan.tunName
     comment = f'comment "{plan.record.comment()}"'
     text = "".join(f"  counter {name} {{ }}\n" for name in DROP_COUNTERS)
+    text += _chain("raw_prerouting", _zoneRules(plan), "prerouting", kind="filter", priority=-300)
+    text += _chain("raw_output", [f'oifname "{tun}" ct zone set {plan.zone}'], "output", kind="filter", priority=-300)
     if plan.mappings:
         text += _chain("output", _mappingRules(plan, f'oifname "{tun}"'), "output")
     prerouting = _exposureRules(plan)

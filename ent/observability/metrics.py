@@ -91,7 +91,8 @@ class StatsCollector:
             contained = CounterMetricFamily(
                 "ent_tunnel_dropped",
                 "Packets from the tunnel that containment dropped (the table's nftables counters, "
-                "read every few seconds), by hook: input (to this host), forward (through it).",
+                "read every few seconds), by hook: input (to this host), forward (through it), "
+                "spoofed (a source outside the tunnel network or not routed back into the TUN).",
                 labels=["hook"],
             )
             for hook, packets in sorted(stats.tunnelDrops.items()):

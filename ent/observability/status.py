@@ -174,7 +174,7 @@ def summary(scrape, url, now=None, legs=None):
         parts = ", ".join(f"{int(s.value):,} {s.labels.get('hook', '?')}" for s in contained)
         lines.append(
             f"  {'containment':<18}{int(sum(s.value for s in contained)):,} packets from the "
-            f"tunnel dropped ({parts}): not exposed, not a reply"
+            f"tunnel dropped ({parts}): spoofed, not exposed or not a reply"
         )
 
     if scrape.find("ent_relay_connections_open"):

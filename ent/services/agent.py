@@ -151,15 +151,19 @@ class AgentService(MultiService):
             # ENG's plain agent: the host's own routes decide what enters.
             self.log.info(
                 "TUN {tun} up as {address}, mtu {mtu}; bare endpoint: no rules, "
-                "it carries whatever is routed into {tun}",
+                "it carries whatever is routed into {tun}, and every listener of this host "
+                "is reachable through the tunnel",
                 tun=name,
                 address=str(interface),
                 mtu=o["mtu"],
                 role=o["role"],
             )
             return
-        record = netfilter.AgentRecord(policy.get("table"), policy.get("priority"), gatewayPort)
-        plan = netfilter.AgentPlan(name, str(interface.ip), mappings, o.get("exposures", ()), record, captureFrom)
+        zone = netfilter.chooseZone(name, netfilter.records())
+        record = netfilter.AgentRecord(policy.get("table"), policy.get("priority"), gatewayPort, zone)
+        plan = netfilter.AgentPlan(
+            name, str(interface.ip), mappings, o.get("exposures", ()), record, captureFrom, str(interface.network)
+        )
         self._undo.append(lambda: netfilter.remove(name))
         netfilter.install(plan)
         self.guard = TableGuard(name, self.stats, self.reactor, failClosed=bool(mappings))
