@@ -24,12 +24,15 @@ from twisted.trial import unittest
 from ent.testing.topology import ECHOSVR, Topology, Tunnel
 from tests.checks import METRICS, scrapeIn, sha256s, tempDir
 from tests.netns import requireRoot
+from tests.ratstlsmock import library_path_under_test
+from tests.test_ratstls_tunnel import ratsArgs
 from tests.test_tls import makeCertificates, tlsArgs
 
 FLOODER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flooder.py")
 FLOOD_SOURCES = "10.1.0.10-49"
 PLAIN_FLOOD = 10_000
 TLS_FLOOD = 500
+RATS_TLS_FLOOD = 200
 
 
 def cpuSeconds(pid):
@@ -69,7 +72,7 @@ class FloodTests(unittest.TestCase):
         self.certs = tempDir(self, "ent-flood-certs-")
         makeCertificates(self.certs)
 
-    def startFlood(self, topology, seconds=240):
+    def startFlood(self, topology, seconds=240, stalled=TLS_FLOOD):
         flood = topology.start(
             "client",
             sys.executable,
@@ -77,7 +80,7 @@ class FloodTests(unittest.TestCase):
             "--plain",
             f"10.1.0.2:6980:{PLAIN_FLOOD}",
             "--tls",
-            f"10.1.0.2:6979:{TLS_FLOOD}",
+            f"10.1.0.2:6979:{stalled}",
             "--sources",
             FLOOD_SOURCES,
             "--seconds",
@@ -92,11 +95,19 @@ class FloodTests(unittest.TestCase):
             lines = [line for line in f if line.startswith("{")]
         return json.loads(lines[-1]) if lines else {}
 
-    def tunnel(self, gw1Limits):
+    def tunnel(self, gw1Limits, peers="tls"):
+        """
+        The tunnel, gw1 also accepting peers on 6979: the port the stalled
+        handshakes go to, on TLS or on rats-tls (the library under test).
+        """
         c = self.certs
+        if peers == "tls":
+            gw1, gw2 = tlsArgs(c, "gw1", "--entg-tls"), tlsArgs(c, "gw2", "--entg-tls")
+        else:
+            gw1 = gw2 = ["--entg-rats-tls", *ratsArgs(library_path_under_test())]
         hostArgs = {
-            "gw1": [*tlsArgs(c, "gw1", "--entg-tls"), "--entg-listen", "6979", *gw1Limits, *METRICS],
-            "gw2": tlsArgs(c, "gw2", "--entg-tls"),
+            "gw1": [*gw1, "--entg-listen", "6979", *gw1Limits, *METRICS],
+            "gw2": gw2,
             "client": ["--announce", "--log-format", "json"],
         }
         return Tunnel(hostArgs=hostArgs)
@@ -129,6 +140,7 @@ class FloodTests(unittest.TestCase):
             raise AssertionError("the agent never connected")
         self.agentLog = "\n".join(f"{r['time']} {r['message']}" for r in records)
         up = [t for t, r in zip(times, records, strict=True) if r["message"].startswith("TUN ")]
+        self.startSeconds = (connected[-1] - times[0]).total_seconds()
         return (connected[-1] - up[-1]).total_seconds()
 
     def echo(self, tunnel, size):
@@ -176,18 +188,20 @@ class FloodTests(unittest.TestCase):
             time.sleep(3)
             idle = (cpuSeconds(gw1) - cpu) / 3
             self.assertLess(idle, 0.05, f"gw1 uses {idle:.0%} of a CPU after the flood")
-            print(f"\nflood: connect {seconds:.2f}s, gw1 RSS {rss >> 20} MB, idle CPU {idle:.1%}, counts {counts}")
+            print(f"\nflood: connect {seconds:.2f}s (start to connected {self.startSeconds:.2f}s), gw1 RSS {rss >> 20} MB, idle CPU {idle:.1%}, counts {counts}")
 
     def test_perSourceCapLeavesTheRealAgentAlone(self):
         """
         With the default --max-legs-per-source (64), each flood address is
         capped (refused or made room for, and counted), and the real agent,
-        restarted during the flood, gets in and is not disturbed.
+        restarted during the flood, gets in and is not disturbed; the
+        stalled handshakes are rats-tls ones here (200, on gw1's rats-tls
+        peer port), and the peer leg gw1 ── gw2 on rats-tls still carries.
         """
-        with self.tunnel([]) as tunnel:
+        with self.tunnel([], peers="rats-tls") as tunnel:
             t = tunnel.topology
             self.addFloodSources(t)
-            flood = self.startFlood(t)
+            flood = self.startFlood(t, stalled=RATS_TLS_FLOOD)
             t.waitFor(lambda: self.floodCounts(t.logdir).get("open", 0) > 0, timeout=60)
             time.sleep(3)
             t.stop(tunnel.services["client"])
