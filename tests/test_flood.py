@@ -188,7 +188,9 @@ class FloodTests(unittest.TestCase):
             time.sleep(3)
             idle = (cpuSeconds(gw1) - cpu) / 3
             self.assertLess(idle, 0.05, f"gw1 uses {idle:.0%} of a CPU after the flood")
-            print(f"\nflood: connect {seconds:.2f}s (start to connected {self.startSeconds:.2f}s), gw1 RSS {rss >> 20} MB, idle CPU {idle:.1%}, counts {counts}")
+            print(
+                f"\nflood: connect {seconds:.2f}s (start to connected {self.startSeconds:.2f}s), gw1 RSS {rss >> 20} MB, idle CPU {idle:.1%}, counts {counts}"
+            )
 
     def test_perSourceCapLeavesTheRealAgentAlone(self):
         """
