@@ -605,6 +605,11 @@ class Phase:
                 break
             time.sleep(2)
         served = echo is not None and echo.returncode == 0
+        if not served:
+            # What each host's sockets to and from ENT look like, for the report.
+            for host in PROCESSES:
+                ss = t.exec(host, "ss", "-tnpi", "( sport = :6979 or dport = :6979 or sport = :6980 or dport = :6980 )")
+                self.note(f"not serving; ss in {host}:\n{ss.stdout.strip()}")
         self.settled = SETTLE - max(deadline - time.monotonic(), 0)
         self.check("fresh echo after the last fault", served, "" if served else (echo.stdout + echo.stderr)[-400:])
         udp = self.probeUdp()

@@ -5,11 +5,12 @@ make chaos, covers it), under the continuous echo traffic. About 4 minutes.
 """
 
 import os
+import shutil
+import tempfile
 
 from twisted.trial import unittest
 
 from bench import chaos
-from tests.checks import tempDir
 from tests.netns import requireRoot
 
 SECONDS = 60.0
@@ -21,11 +22,12 @@ SEED = int(os.environ.get("CHAOS_SEED") or 1)
 class ChaosTests(unittest.TestCase):
     def test_tunnelHoldsUnderRandomFaults(self):
         requireRoot(self)
-        directory = tempDir(self, "ent-chaos-")
+        # Kept when the run fails: its logs are the report of the bug.
+        directory = tempfile.mkdtemp(prefix="ent-chaos-")
         phases = chaos.runChaos(SECONDS, KINDS, SEED, output=os.path.join(directory, "chaos.md"), logdir=directory)
         hits = {}
         for phase in phases:
-            context = f"CHAOS_SEED={SEED}, {phase.kind}: {phase.broken}\n{getattr(phase, 'leftLogs', '')}"
+            context = f"CHAOS_SEED={SEED}, {phase.kind}: {phase.broken}; logs in {directory}\n{getattr(phase, 'leftLogs', '')}"
             self.assertEqual(phase.broken, [], context)
             self.assertEqual(phase.wrong, [], context)
             names = {name for name, _, _ in phase.checks}
@@ -40,3 +42,4 @@ class ChaosTests(unittest.TestCase):
             for (kind, _), n in phase.faults.items():
                 hits[kind] = hits.get(kind, 0) + n
         self.assertEqual(sorted(hits), sorted(chaos.FAULTS), f"CHAOS_SEED={SEED}: faults {hits}")
+        shutil.rmtree(directory, ignore_errors=True)
