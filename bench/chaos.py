@@ -692,7 +692,7 @@ def phaseTable(title, phases):
     lines.append(f"| UDP round trips ok | {udp['ok']} |")
     lines.append(f"| UDP round trips lost | {udp['lost']} |")
     for error, n in udpErrors.most_common():
-        lines.append(f"| &nbsp;&nbsp;{error} | {n} |")
+        lines.append(f"| &nbsp;&nbsp;{'no echo within 1 s' if error == 'lost' else error} | {n} |")
     lines.append(f"| wrong data (TCP or UDP) | {wrong} |")
     lines.append(f"| packets in the clear after a SIGTERM of the client agent (by design) | {byDesign} |")
     checks = collections.OrderedDict()
