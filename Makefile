@@ -1,4 +1,4 @@
-.PHONY: setup demo test bench bench-scale bench-rootless bench-userstacks
+.PHONY: setup demo test bench bench-scale bench-rootless bench-userstacks chaos
 
 setup:
 	bash scripts/setup.sh
@@ -30,3 +30,10 @@ bench-rootless:
 bench-userstacks:
 	bash scripts/setup.sh passt slirp4netns
 	.venv/bin/python -m bench.userstacks
+
+# Random faults under continuous traffic, one phase per leg kind (bench/chaos.py,
+# bench/chaos.md); CHAOS_SECONDS per phase, CHAOS_KINDS, CHAOS_SEED.
+CHAOS_SECONDS ?= 600
+chaos:
+	bash scripts/setup.sh
+	CHAOS_SECONDS=$(CHAOS_SECONDS) .venv/bin/python -m bench.chaos

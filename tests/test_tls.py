@@ -6,9 +6,10 @@ peers refused for a wrong certificate or a wrong name.
 import os
 import time
 
+from twisted.internet import defer, endpoints, protocol
 from twisted.trial import unittest
 
-from ent.legs import certs
+from ent.legs import certs, tls
 from ent.testing.topology import ADDRESS, Tunnel
 from tests.checks import METRICS, assertEchoAndTransfer, scrapeIn, tempDir
 from tests.netns import requireRoot
@@ -99,3 +100,85 @@ class TlsTunnelTests(unittest.TestCase):
             self.assertEqual(scrape.value("ent_leg_up", leg="gateway"), 0)
             client = open(os.path.join(tunnel.logdir, "client-enta.log")).read()
             self.assertNotIn("connected to gateway", client)
+
+
+class _Held(protocol.Protocol):
+    """
+    A leg's side that, as the agent does with its TUN, keeps a streaming
+    producer registered on its transport while it sends.
+    """
+
+    def connectionMade(self):
+        self.lost = defer.Deferred()
+        self.transport.registerProducer(self, True)
+        self.transport.write(b"x" * 4_000_000)  # the TCP buffer fills: the producer is paused
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+class _Closer(protocol.Protocol):
+    """
+    A gateway that stops in the middle of the leg's data: it ends TLS
+    (close_notify) and the connection.
+    """
+
+    received = 0
+
+    def connectionMade(self):
+        self.factory.closers.append(self)
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+    def dataReceived(self, data):
+        self.received += len(data)
+        if self.received > 100_000 and not self.transport.disconnecting:
+            self.transport.loseConnection()
+
+
+class TlsPeerCloseTests(unittest.TestCase):
+    def test_peerEndsTlsWhileOurProducerIsRegistered(self):
+        """
+        The peer ends TLS while this side's producer is registered and
+        paused (a busy leg): the leg still learns that the connection is
+        gone. Twisted's TLS closes the TCP connection then, which waits for
+        the registered producer for ever, reading nothing.
+        """
+        from twisted.internet import reactor
+
+        directory = tempDir(self, "ent-tls-")
+        makeCertificates(directory)
+
+        def files(name):
+            return tls.TlsFiles(*(os.path.join(directory, f) for f in (f"{name}.pem", f"{name}.key", "ca.pem")))
+
+        server = tls.serverTls(endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), files("gw1"))
+        closing = protocol.Factory.forProtocol(_Closer)
+        closing.closers = []
+        port = yield server.listen(closing)
+        self.addCleanup(port.stopListening)
+        client = tls.clientTls(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), files("client"), "10.1.0.2"
+        )
+        held = yield client.connect(protocol.Factory.forProtocol(_Held))
+        timeout = reactor.callLater(10, held.lost.cancel)
+        try:
+            yield held.lost
+        except defer.CancelledError:
+            held.transport.abortConnection()
+            self.fail("the leg never learnt that its peer had closed")
+        timeout.cancel()
+        yield defer.gatherResults([closer.lost for closer in closing.closers])
+
+    test_peerEndsTlsWhileOurProducerIsRegistered = defer.inlineCallbacks(test_peerEndsTlsWhileOurProducerIsRegistered)

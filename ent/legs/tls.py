@@ -8,10 +8,59 @@ know whether they run on TCP, TLS or rats-tls.
 
 from dataclasses import dataclass
 
-from twisted.internet.endpoints import wrapClientTLS, wrapServerTLS
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from ent.errors import ConfigurationError
+
+
+class LegTlsProtocol(TLSMemoryBIOProtocol):
+    """
+    Twisted's TLS, which closes the TCP connection itself when the peer
+    ends TLS (close_notify, as a gateway does on SIGTERM). A busy leg still
+    has its producer (the TUN, the other leg) registered then, and a TCP
+    connection with a paused producer waits for it instead of closing,
+    reading nothing: the leg never learnt that its peer had gone (found by
+    bench/chaos.py). The session is over, so its producer goes with it.
+    """
+
+    def _tlsShutdownFinished(self, reason):
+        if self._producer is not None:
+            self.unregisterProducer()
+        super()._tlsShutdownFinished(reason)
+
+
+class _LegTlsFactory(TLSMemoryBIOFactory):
+    protocol = LegTlsProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class _ClientEndpoint:
+    """
+    C{wrapClientTLS} with L{LegTlsProtocol}.
+    """
+
+    def __init__(self, creator, endpoint):
+        self.creator, self.endpoint = creator, endpoint
+
+    def connect(self, factory):
+        wrapper = _LegTlsFactory(self.creator, True, factory)
+        return self.endpoint.connect(wrapper).addCallback(lambda protocol: protocol.wrappedProtocol)
+
+
+@implementer(IStreamServerEndpoint)
+class _ServerEndpoint:
+    """
+    C{wrapServerTLS} with L{LegTlsProtocol}.
+    """
+
+    def __init__(self, creator, endpoint):
+        self.creator, self.endpoint = creator, endpoint
+
+    def listen(self, factory):
+        return self.endpoint.listen(_LegTlsFactory(self.creator, False, factory))
 
 
 @dataclass(frozen=True)
@@ -59,7 +108,7 @@ def clientTls(endpoint, files, peerName):
     """
     own, ca = files.load()
     creator = optionsForClientTLS(peerName, trustRoot=ca, clientCertificate=own)
-    return wrapClientTLS(creator, endpoint)
+    return _ClientEndpoint(creator, endpoint)
 
 
 def serverTls(endpoint, files):
@@ -68,7 +117,7 @@ def serverTls(endpoint, files):
     certificate signed by the CA.
     """
     own, ca = files.load()
-    return wrapServerTLS(own.options(ca), endpoint)
+    return _ServerEndpoint(own.options(ca), endpoint)
 
 
 def isTls(transport):
@@ -76,6 +125,4 @@ def isTls(transport):
     Whether C{transport} runs TLS, so a leg waits for the handshake before
     it carries anything.
     """
-    from twisted.protocols.tls import TLSMemoryBIOProtocol
-
     return isinstance(transport, TLSMemoryBIOProtocol)
