@@ -27,6 +27,7 @@ from ent.protocols.reattest import QuickRetry, Reattestation
 from ent.protocols.relay import RelayLeg
 from ent.protocols.router import Router
 from tests.checks import tempDir
+from tests.test_router import RouterTestCase
 
 MRENCLAVE = "9f" * 32
 
@@ -85,7 +86,11 @@ class FakeRatsTransport(StringTransport):
         return self.evidence
 
 
-class PolicyRouterTestCase(unittest.TestCase):
+class PolicyRouterTestCase(RouterTestCase):
+    """
+    The router's test case (send, take, lose) with a policy's admission.
+    """
+
     policyText = POLICY
 
     def setUp(self):
@@ -111,14 +116,6 @@ class PolicyRouterTestCase(unittest.TestCase):
         leg = RelayLeg(self.router, side, connecting=connecting, retry=retry)
         leg.makeConnection(transport or StringTransport(peerAddress=IPv4Address("TCP", host, 40000)))
         return leg
-
-    def send(self, leg, *packets):
-        leg.dataReceived(b"".join(frame(p) for p in packets))
-
-    def take(self, leg):
-        data = leg.transport.value()
-        leg.transport.clear()
-        return data
 
     def refusals(self, text):
         return [
