@@ -451,3 +451,32 @@ class PolicyOptionsTests(unittest.TestCase):
         self.assertIn("--reattest", str(e))
         e = self.assertRaises(usage.UsageError, entg, "--reattest", "soon")
         self.assertIn("--reattest", str(e))
+
+
+class PolicyVerifierTests(unittest.TestCase):
+    """
+    Measurements in a policy must meet a verifier that checks quotes:
+    nullverifier would let whoever connects claim any MRENCLAVE.
+    """
+
+    def policyFile(self, role):
+        from tests.checks import tempDir
+
+        path = os.path.join(tempDir(self, "ent-options-"), "policy.toml")
+        with open(path, "w") as f:
+            f.write(f'[[identity]]\nname = "e"\nrole = "{role}"\nsgx.mrenclave = "{"9f" * 32}"\n')
+        return path
+
+    def test_nullVerifierRefusedForMeasurements(self):
+        agents = self.policyFile("agent")
+        e = self.assertRaises(usage.UsageError, entg, "--enta-rats-tls", "--policy", agents)
+        self.assertIn("identity 'e' (line 1) asks for evidence", str(e))
+        self.assertIn("nullverifier", str(e))
+        # A verifier that checks, or legs that are not rats-tls, are fine.
+        entg("--enta-rats-tls", "--verifier", "ent_sim", "--policy", agents)
+        entg("--policy", agents)
+        gateway = self.policyFile("gateway")
+        self.assertRaises(
+            usage.UsageError, enta, "--dport", "7", "--entg-rats-tls", "--verifier", "nullverifier", "--policy", gateway
+        )
+        enta("--dport", "7", "--entg-rats-tls", "--policy", gateway)

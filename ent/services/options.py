@@ -320,6 +320,28 @@ class SecurityOptions(ObservabilityOptions):
             claims=() if server else tuple(self.get("claims", ())),
         )
 
+    def checkVerifiers(self, *legs):
+        """
+        A policy that names measurements or claims must not meet them
+        through a verifier that checks nothing: nullverifier accepts any
+        evidence, so whoever connects could claim any MRENCLAVE.  C{legs}:
+        C{(roles, security, flag)} of each leg of this process.
+        """
+        policy = self.get("policy-rules")
+        if policy is None:
+            return
+        for roles, security, flag in legs:
+            if security is None or security.kind != "rats-tls" or security.ratsTls.verifier != "nullverifier":
+                continue
+            for role in roles:
+                for identity in policy.forRole(role):
+                    if identity.needsEvidence():
+                        raise ConfigurationError(
+                            f"--policy {self['policy']}: identity {identity.name!r} (line {identity.line}) asks for "
+                            f"evidence, but the {flag} legs verify with nullverifier, which accepts any: give "
+                            "--verifier sgx_ecdsa (or another that checks quotes)"
+                        )
+
     def tlsFiles(self):
         missing = [f"--{n}" for n in ("tls-cert", "tls-key", "tls-ca") if not self[n]]
         if missing:
@@ -528,6 +550,7 @@ class EntaOptions(SecurityOptions):
         self._peerAddress()
         self._services()
         self["entg-security"] = self.legSecurity("entg", self["entg-connect"], "entg-tls-name")
+        self.checkVerifiers((("gateway",), self["entg-security"], "--entg-rats-tls"))
 
     def _checkStack(self):
         """
@@ -866,5 +889,10 @@ class EntgOptions(SecurityOptions):
             self["entg-listen-security"] = self.legSecurity("entg", listen=self["entg-listen"])
         # The peer leg's protection as one value, for what shows it.
         self["entg-security"] = self["entg-peers"][0].security if peers else self["entg-listen-security"]
+        self.checkVerifiers(
+            (("agent",), self["enta-security"], "--enta-rats-tls"),
+            *((("peer",), peer.security, "--entg-rats-tls") for peer in self["entg-peers"]),
+            (("peer",), self["entg-listen-security"], "--entg-rats-tls"),
+        )
         if self["allowed-ips"] and "tls" not in (self["enta-security"].kind, self["entg-security"].kind):
             raise ConfigurationError("--allowed-ips names TLS identities: give --enta-tls or --entg-tls")
