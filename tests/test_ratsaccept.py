@@ -284,6 +284,22 @@ class RatsAcceptTests(unittest.TestCase):
         self.assertEqual(self.failures("rats-tls-busy"), 0)
 
     @defer.inlineCallbacks
+    def test_waitingHellosAreBoundedPerSource(self):
+        """
+        Beyond the per-source bound of connections waiting for their first
+        record, the oldest of that source is closed (counted as busy).
+        """
+        from ent.legs import ratsendpoints
+
+        self.patch(ratsendpoints, "MAX_WAITING_HELLOS_PER_SOURCE", 5)
+        _, settings = recordingSettings()
+        port = yield self.listen(settings)
+        socks = yield threads.deferToThread(lambda: [self.rawClient(port, hello=False) for _ in range(8)])
+        yield waitUntil(lambda: self.failures("rats-tls-busy") == 3, "the 3 oldest closed")
+        self.assertTrue(closedByPeer(socks[0], 2))
+        self.assertFalse(closedByPeer(socks[7], 0.2))
+
+    @defer.inlineCallbacks
     def test_resetRightAfterHandshake(self):
         """
         ENOTCONN from getpeername once the handshake is over (the peer

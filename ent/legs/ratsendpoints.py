@@ -13,7 +13,7 @@ import fcntl
 import socket
 import struct
 import termios
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 
 from twisted.internet import defer, error, tcp
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
@@ -354,7 +354,7 @@ class _HandshakePort(tcp.Port):
         self.logAllowed = OncePer(reactor)
         # Connections waiting for their ClientHello, oldest first.
         self.waiting = OrderedDict()
-        self._waitingBySource = Counter()
+        self._waitingBySource = {}
 
     def transport(self, skt, protocol, addr, port, sessionno, reactor):
         """
@@ -376,15 +376,16 @@ class _HandshakePort(tcp.Port):
         budget = Budget(self.reactor, self.handshakeTimeout, f"{addr[0]}:{addr[1]}")
         budget.attach(sock)
         source = addr[0]
-        if self._waitingBySource[source] >= MAX_WAITING_HELLOS_PER_SOURCE:
-            self._evictWaiting(next(w for w in self.waiting if w.addr[0] == source))
+        mine = self._waitingBySource.setdefault(source, OrderedDict())
+        if len(mine) >= MAX_WAITING_HELLOS_PER_SOURCE:
+            self._evictWaiting(next(iter(mine)))
         elif len(self.waiting) >= MAX_WAITING_HELLOS:
             self._evictWaiting(next(iter(self.waiting)))
         # Peeked at from the reactor; the handshake makes it blocking again.
         sock.setblocking(False)
         wait = _HelloWait(self, sock, addr, budget)
         self.waiting[wait] = None
-        self._waitingBySource[source] += 1
+        self._waitingBySource.setdefault(source, OrderedDict())[wait] = None
         self.reactor.addReader(wait)
         # Whatever is already queued is looked at now.
         wait.doRead()
@@ -395,9 +396,11 @@ class _HandshakePort(tcp.Port):
         del self.waiting[wait]
         self.reactor.removeReader(wait)
         source = wait.addr[0]
-        self._waitingBySource[source] -= 1
-        if not self._waitingBySource[source]:
-            del self._waitingBySource[source]
+        mine = self._waitingBySource.get(source)
+        if mine is not None:
+            mine.pop(wait, None)
+            if not mine:
+                del self._waitingBySource[source]
         return True
 
     def _evictWaiting(self, wait):
